@@ -1,0 +1,182 @@
+// mlx-fusion: helpers shared by every CUDA kernel (passed as `header` to
+// mx.fast.cuda_kernel; MLX has already included cuda_fp16/cuda_bf16 and its
+// device utils). Twin of common.metal: same functions, same constants, same
+// math, plus 16-byte vector loads/stores.
+//
+// All arithmetic is done in float32 and rounded once on store.
+
+#include <cstdint>
+
+#define FUSION_RELU 0
+#define FUSION_GELU 1
+#define FUSION_GELU_APPROX 2
+#define FUSION_SILU 3
+
+#define FUSION_ADD 0
+#define FUSION_SUB 1
+#define FUSION_MUL 2
+#define FUSION_DIV 3
+
+__device__ __forceinline__ float fusion_sigmoid(float x) {
+  float y = 1.0f / (1.0f + expf(-fabsf(x)));
+  return (x < 0.0f) ? 1.0f - y : y;
+}
+
+template <int OP>
+__device__ __forceinline__ float fusion_binary(float a, float b) {
+  if constexpr (OP == FUSION_ADD) {
+    return a + b;
+  } else if constexpr (OP == FUSION_SUB) {
+    return a - b;
+  } else if constexpr (OP == FUSION_MUL) {
+    return a * b;
+  } else {
+    return a / b;
+  }
+}
+
+template <int ACT>
+__device__ __forceinline__ float fusion_activation(float z) {
+  if constexpr (ACT == FUSION_RELU) {
+    return (z > 0.0f || isnan(z)) ? z : 0.0f;
+  } else if constexpr (ACT == FUSION_GELU) {
+    return z * (1.0f + erff(z * 0.70710678118654752f)) * 0.5f;
+  } else if constexpr (ACT == FUSION_GELU_APPROX) {
+    float u = 0.79788456080286536f * (z + 0.044715f * z * z * z);
+    return 0.5f * z * (1.0f + tanhf(u));
+  } else {
+    return z * fusion_sigmoid(z);
+  }
+}
+
+template <int ACT>
+__device__ __forceinline__ float fusion_activation_grad(float z) {
+  if constexpr (ACT == FUSION_RELU) {
+    return z > 0.0f ? 1.0f : 0.0f;
+  } else if constexpr (ACT == FUSION_GELU) {
+    float cdf = 0.5f * (1.0f + erff(z * 0.70710678118654752f));
+    float pdf = 0.39894228040143268f * expf(-0.5f * z * z);
+    return cdf + z * pdf;
+  } else if constexpr (ACT == FUSION_GELU_APPROX) {
+    float z2 = z * z;
+    float t = tanhf(0.79788456080286536f * (z + 0.044715f * z2 * z));
+    return 0.5f * (1.0f + t) +
+        0.5f * z * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.134145f * z2);
+  } else {
+    float s = fusion_sigmoid(z);
+    return s * (1.0f + z * (1.0f - s));
+  }
+}
+
+// Shape / Strides are MLX's fixed-size arrays passed by value.
+template <typename S>
+__device__ __forceinline__ int64_t fusion_size(const S& shape, int ndim) {
+  int64_t n = 1;
+  for (int d = 0; d < ndim; d++) {
+    n *= shape[d];
+  }
+  return n;
+}
+
+// 0: row contiguous; >0: leading strides 0 and a contiguous trailing block of
+// that many elements (element i at i % block); -1: general strides.
+template <typename S, typename St>
+__device__ __forceinline__ int64_t fusion_layout(const S& shape, const St& strides, int ndim) {
+  int64_t expected = 1;
+  int d = ndim - 1;
+  for (; d >= 0; d--) {
+    if (shape[d] != 1 && strides[d] != expected) {
+      break;
+    }
+    expected *= shape[d];
+  }
+  if (d < 0) {
+    return 0;
+  }
+  int64_t block = expected;
+  for (; d >= 0; d--) {
+    if (shape[d] != 1 && strides[d] != 0) {
+      return -1;
+    }
+  }
+  return block;
+}
+
+template <typename S, typename St>
+__device__ __forceinline__ int64_t fusion_offset(int64_t i, const S& shape, const St& strides, int ndim) {
+  int64_t loc = 0;
+  for (int d = ndim - 1; d >= 0 && i > 0; d--) {
+    loc += (i % shape[d]) * strides[d];
+    i /= shape[d];
+  }
+  return loc;
+}
+
+template <typename T>
+__device__ __forceinline__ float fusion_float(T x) {
+  return static_cast<float>(x);
+}
+
+template <typename T, int W>
+struct alignas(16) FusionPack {
+  T v[W];
+};
+
+template <typename T>
+__device__ __forceinline__ bool fusion_aligned(const T* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// W consecutive elements starting at `base` (a multiple of W) as floats.
+// Full and row-broadcast operands use one 16-byte load when aligned and in
+// bounds; everything else falls back to element loads.
+template <bool SCALAR, int W, typename T, typename S, typename St>
+__device__ __forceinline__ void fusion_load(
+    float* dst, const T* x, int64_t base, int64_t n, int64_t layout,
+    const S& shape, const St& strides, int ndim) {
+  if constexpr (SCALAR) {
+    float v = fusion_float(x[0]);
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      dst[k] = v;
+    }
+  } else {
+    if (layout >= 0 && base + W <= n && (layout == 0 || layout % W == 0)) {
+      const T* p = x + (layout == 0 ? base : base % layout);
+      if (fusion_aligned(p)) {
+        FusionPack<T, W> pack = *reinterpret_cast<const FusionPack<T, W>*>(p);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+          dst[k] = fusion_float(pack.v[k]);
+        }
+        return;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      int64_t i = base + k;
+      if (i < n) {
+        int64_t off = layout == 0 ? i : (layout > 0 ? i % layout : fusion_offset(i, shape, strides, ndim));
+        dst[k] = fusion_float(x[off]);
+      } else {
+        dst[k] = 0.0f;
+      }
+    }
+  }
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void fusion_store(T* out, int64_t base, int64_t n, const float* src) {
+  if (base + W <= n && fusion_aligned(out + base)) {
+    FusionPack<T, W> pack;
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      pack.v[k] = T(src[k]);
+    }
+    *reinterpret_cast<FusionPack<T, W>*>(out + base) = pack;
+  } else {
+    for (int k = 0; k < W && base + k < n; k++) {
+      out[base + k] = T(src[k]);
+    }
+  }
+}

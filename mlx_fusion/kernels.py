@@ -1,0 +1,149 @@
+"""Kernel sources and kernel objects for the GPU backends.
+
+Every fused kernel exists twice, as a Metal body (`metal_src/<name>.metal`) and
+its CUDA twin (`metal_src/<name>.cu`), plus one shared header per language
+(`common.metal`, `common.cu`) with the activation and binary-op functions.
+MLX writes each kernel's signature itself (`mx.fast.metal_kernel` /
+`mx.fast.cuda_kernel`); the files hold only the header and the body.
+
+Kernel objects are built once per (backend, name) and cached: building is
+cheap, but MLX then compiles each template instantiation once and caches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import mlx.core as mx
+
+__all__ = [
+    "KernelSpec",
+    "KERNEL_SPECS",
+    "kernel_source",
+    "kernel_backend",
+    "get_kernel",
+    "use_backend",
+]
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What MLX needs to build a kernel besides its source.
+
+    elementwise: the kernel is a pure function of the elements of its inputs,
+    so the tests also execute the Metal version on the CPU through the shim.
+    ensure_row_contiguous: False where the kernel reads strides itself.
+    """
+
+    name: str
+    input_names: Tuple[str, ...]
+    output_names: Tuple[str, ...]
+    elementwise: bool = True
+    ensure_row_contiguous: bool = False
+
+
+KERNEL_SPECS: Dict[str, KernelSpec] = {
+    spec.name: spec
+    for spec in (
+        # act(a op b); a and b full, scalar, row-broadcast or strided (see the body).
+        KernelSpec("binary_activation", ("a", "b"), ("out",)),
+        # dz = g * act'(a op b) and, for mul/div, the two operand gradients.
+        KernelSpec("binary_activation_backward", ("a", "b", "g"), ("da", "db")),
+        # act(x * p[0] + p[1]); p is a 2-element float32 array.
+        KernelSpec("scalar_activation", ("x", "p"), ("out",), ensure_row_contiguous=True),
+        KernelSpec("scalar_activation_backward", ("x", "p", "g"), ("dx",), ensure_row_contiguous=True),
+    )
+}
+
+
+def _source_dir() -> Path:
+    # Installed: package data at mlx_fusion/metal_src. From a checkout: ../metal_src.
+    here = Path(__file__).resolve().parent
+    for cand in (here / "metal_src", here.parent / "metal_src"):
+        if (cand / "common.metal").is_file():
+            return cand
+    raise FileNotFoundError("mlx-fusion kernel sources (metal_src/) not found next to the package")
+
+
+@lru_cache(maxsize=None)
+def _read(filename: str) -> str:
+    return (_source_dir() / filename).read_text()
+
+
+def kernel_source(name: str, backend: str) -> Tuple[str, str]:
+    """(header, body) of kernel `name` for backend "metal" or "cuda"."""
+    ext = {"metal": "metal", "cuda": "cu"}[backend]
+    if name not in KERNEL_SPECS:
+        raise KeyError(f"unknown kernel {name!r}")
+    return _read(f"common.{ext}"), _read(f"{name}.{ext}")
+
+
+# --- backend selection ---------------------------------------------------------
+
+_override = threading.local()
+
+
+def _factories():
+    return {"metal": mx.fast.metal_kernel, "cuda": mx.fast.cuda_kernel}
+
+
+def kernel_backend() -> Optional[str]:
+    """"metal" or "cuda" when the default device is a GPU with that backend, else None (CPU path)."""
+    forced = getattr(_override, "backend", None)
+    if forced is not None:
+        return forced[0]
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+_cache: Dict[tuple, Callable] = {}
+_cache_lock = threading.Lock()
+
+
+def get_kernel(name: str) -> Callable:
+    """The cached kernel object for `name` on the active backend."""
+    forced = getattr(_override, "backend", None)
+    backend, factory = forced if forced is not None else (kernel_backend(), None)
+    if backend is None:
+        raise RuntimeError("no GPU kernel backend is active")
+    factory = factory or _factories()[backend]
+    key = (backend, id(factory), name)
+    kernel = _cache.get(key)
+    if kernel is None:
+        spec = KERNEL_SPECS[name]
+        header, body = kernel_source(name, backend)
+        kernel = factory(
+            name=f"mlx_fusion_{name}",
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
+            source=body,
+            header=header,
+            ensure_row_contiguous=spec.ensure_row_contiguous,
+        )
+        with _cache_lock:
+            _cache[key] = kernel
+    return kernel
+
+
+@contextlib.contextmanager
+def use_backend(backend: str, factory: Optional[Callable] = None):
+    """Force a kernel backend in this thread (tests): e.g. run the Metal sources
+    on the CPU through a shim with `use_backend("metal", ShimMetalKernel)`."""
+    if backend not in ("metal", "cuda"):
+        raise ValueError("backend must be 'metal' or 'cuda'")
+    prev = getattr(_override, "backend", None)
+    _override.backend = (backend, factory)
+    try:
+        yield
+    finally:
+        _override.backend = prev

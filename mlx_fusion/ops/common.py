@@ -1,0 +1,97 @@
+"""Helpers shared by the fused ops: dtypes, broadcasting, launch geometry and
+the activation derivatives in MLX form (the CPU twin of the kernels' math)."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Sequence, Tuple
+
+import mlx.core as mx
+
+from ..patterns import Activation, BinaryOp
+
+FUSED_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+THREADGROUP = 256
+
+
+def is_fusable_dtype(dtype: mx.Dtype) -> bool:
+    return dtype in FUSED_DTYPES
+
+
+@lru_cache(maxsize=None)
+def promote(*dtypes: mx.Dtype) -> mx.Dtype:
+    """MLX's type promotion for arrays of these dtypes (computed once per combination)."""
+    out = mx.zeros((), dtypes[0])
+    for d in dtypes[1:]:
+        out = out + mx.zeros((), d)
+    return out.dtype
+
+
+def as_array(x, like_dtype: mx.Dtype) -> mx.array:
+    """Python numbers are weakly typed in MLX: they take the other operand's dtype."""
+    if isinstance(x, mx.array):
+        return x
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"expected an mx.array or a Python number, got {type(x).__name__}")
+    if is_fusable_dtype(like_dtype):
+        return mx.array(x, dtype=like_dtype)
+    return mx.array(x)
+
+
+def elements_per_thread(dtype: mx.Dtype) -> int:
+    """Each kernel thread handles 16 bytes of output (4 x f32, 8 x f16/bf16)."""
+    return 16 // dtype.size
+
+
+def grid_for(n: int, dtype: mx.Dtype) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
+    threads = -(-n // elements_per_thread(dtype))
+    if threads >= 2**31:
+        raise ValueError(f"array of {n} elements is too large for one kernel launch")
+    return (threads, 1, 1), (THREADGROUP, 1, 1)
+
+
+def sum_to_shape(x: mx.array, shape: Sequence[int]) -> mx.array:
+    """Sum a full-shape gradient over the dimensions that were broadcast."""
+    shape = tuple(shape)
+    if x.shape == shape:
+        return x
+    lead = x.ndim - len(shape)
+    axes = list(range(lead)) + [
+        lead + i for i, d in enumerate(shape) if d == 1 and x.shape[lead + i] != 1
+    ]
+    if axes:
+        x = x.sum(axis=axes, keepdims=True)
+    return x.reshape(shape)
+
+
+def activation_grad(act: Activation, z: mx.array) -> mx.array:
+    """d act / dz as an MLX expression; the same closed forms as the kernels' fusion_activation_grad."""
+    if act is Activation.RELU:
+        return (z > 0).astype(z.dtype)
+    if act is Activation.GELU:
+        cdf = 0.5 * (1 + mx.erf(z * (1 / math.sqrt(2))))
+        return cdf + z * (mx.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi)))
+    if act is Activation.GELU_APPROX:
+        c = math.sqrt(2 / math.pi)
+        t = mx.tanh(c * (z + 0.044715 * z**3))
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+    s = mx.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def binary_operand_grads(op: BinaryOp, dz, a, b):
+    """Gradients of (a op b) w.r.t. a and b at full shape, as MLX's own vjps compute them."""
+    if op is BinaryOp.ADD:
+        return dz, dz
+    if op is BinaryOp.SUB:
+        return dz, -dz
+    if op is BinaryOp.MUL:
+        return dz * b, dz * a
+    return dz / b, -(dz * a) / (b * b)
+
+
+def flat1d(x: mx.array) -> mx.array:
+    """0-d arrays are passed to kernels as shape (1,): MLX passes a 0-d input as a
+    reference without shape buffers, which the kernels do not expect."""
+    return x.reshape(1) if x.ndim == 0 else x

@@ -1,0 +1,318 @@
+"""Fused elementwise primitives: act(a op b) and act(x * scale + shift).
+
+Each public op is one `mx.custom_function` whose forward runs one kernel
+(Metal or CUDA, from metal_src/) and whose vjp runs one fused backward kernel
+(activation derivative times cotangent, plus the operand gradients). On the
+CPU, where MLX has no custom-kernel API, forward and backward are the same
+math as MLX expressions under `mx.compile`, which fuses them into one loop.
+
+Inputs MLX cannot fuse here (integer, bool, complex, float64 dtypes; empty
+arrays) run the unfused reference, so results are always what MLX would give.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Union
+
+import mlx.core as mx
+
+from .. import kernels
+from ..patterns import Activation, BinaryOp, as_activation, as_binary_op
+from .common import (
+    activation_grad,
+    as_array,
+    binary_operand_grads,
+    flat1d,
+    grid_for,
+    is_fusable_dtype,
+    promote,
+    sum_to_shape,
+)
+
+__all__ = ["fused_binary", "fused_scalar", "binary_reference", "scalar_reference"]
+
+Number = Union[int, float]
+
+
+# --- references (the unfused MLX expressions) ----------------------------------
+
+def binary_reference(a, b, op="add", activation="relu") -> mx.array:
+    """act(a op b) computed by MLX op by op: the ground truth for fused_binary."""
+    return as_activation(activation).reference(as_binary_op(op).reference(a, b))
+
+
+def scalar_reference(x, scale=1.0, shift=0.0, activation="relu") -> mx.array:
+    """act(x * scale + shift) computed by MLX op by op: the ground truth for fused_scalar."""
+    return as_activation(activation).reference(x * scale + shift)
+
+
+# --- act(a op b) ---------------------------------------------------------------
+
+def _operand(x: mx.array, work_shape) -> tuple:
+    """(array to pass, is_scalar): a one-element operand is read once by the
+    kernel; any other is broadcast to the output shape as a stride-0 view."""
+    if x.size == 1 and x.size != _prod(work_shape):
+        return x.reshape(1), True
+    if tuple(x.shape) != tuple(work_shape):
+        return mx.broadcast_to(x, work_shape), False
+    return x, False
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def launch_binary(op: BinaryOp, act: Activation, a: mx.array, b: mx.array, out_shape) -> mx.array:
+    """Run the binary_activation kernel; a and b share the output dtype."""
+    work = tuple(out_shape) or (1,)
+    (ak, sa), (bk, sb) = _operand(a, work), _operand(b, work)
+    grid, group = grid_for(_prod(work), a.dtype)
+    out = kernels.get_kernel("binary_activation")(
+        inputs=[ak, bk],
+        output_shapes=[work],
+        output_dtypes=[a.dtype],
+        grid=grid,
+        threadgroup=group,
+        template=[("T", a.dtype), ("OP", op.code), ("ACT", act.code), ("SA", sa), ("SB", sb)],
+    )[0]
+    return out.reshape(out_shape) if work != tuple(out_shape) else out
+
+
+def launch_binary_backward(op: BinaryOp, act: Activation, a, b, g, out_shape):
+    """Full-shape (da, db) of act(a op b) for cotangent g, in one kernel."""
+    work = tuple(out_shape) or (1,)
+    (ak, sa), (bk, sb) = _operand(a, work), _operand(b, work)
+    gk = flat1d(g.astype(a.dtype) if g.dtype != a.dtype else g)
+    if tuple(gk.shape) != work:
+        gk = mx.broadcast_to(gk, work)
+    two = op in (BinaryOp.MUL, BinaryOp.DIV)
+    grid, group = grid_for(_prod(work), a.dtype)
+    da, db = kernels.get_kernel("binary_activation_backward")(
+        inputs=[ak, bk, gk],
+        output_shapes=[work, work if two else (1,)],
+        output_dtypes=[a.dtype, a.dtype],
+        grid=grid,
+        threadgroup=group,
+        template=[("T", a.dtype), ("OP", op.code), ("ACT", act.code), ("SA", sa), ("SB", sb)],
+    )
+    if work != tuple(out_shape):
+        da, db = da.reshape(out_shape), (db.reshape(out_shape) if two else db)
+    return da, (db if two else None)
+
+
+@lru_cache(maxsize=None)
+def _binary_primitive(op: BinaryOp, act: Activation):
+    def reference(a, b):
+        return act.reference(op.reference(a, b))
+
+    @mx.compile
+    def cpu_forward(a, b):
+        return reference(a, b)
+
+    @mx.compile
+    def cpu_backward(a, b, g):
+        dz = g * activation_grad(act, op.reference(a, b))
+        return binary_operand_grads(op, dz, a, b)
+
+    @mx.custom_function
+    def fused(a, b):
+        if kernels.kernel_backend() is None:
+            return cpu_forward(a, b)
+        return launch_binary(op, act, a, b, mx.broadcast_shapes(a.shape, b.shape))
+
+    @fused.vjp
+    def fused_vjp(primals, cotangent, output):
+        a, b = primals
+        if kernels.kernel_backend() is None:
+            da, db = cpu_backward(a, b, cotangent)
+        else:
+            da, db = launch_binary_backward(op, act, a, b, cotangent, output.shape)
+            if db is None:  # add/sub: the kernel wrote dz only
+                db_r = sum_to_shape(da, b.shape)
+                return sum_to_shape(da, a.shape), (db_r if op is BinaryOp.ADD else -db_r)
+        return sum_to_shape(da, a.shape), sum_to_shape(db, b.shape)
+
+    @fused.jvp
+    def fused_jvp(primals, tangents):
+        return mx.jvp(reference, list(primals), list(tangents))[1][0]
+
+    @fused.vmap
+    def fused_vmap(inputs, axes):
+        return mx.vmap(reference, in_axes=tuple(axes))(*inputs), 0
+
+    return fused
+
+
+def fused_binary(
+    a: Union[mx.array, Number],
+    b: Union[mx.array, Number],
+    op: Union[str, BinaryOp] = "add",
+    activation: Union[str, Activation] = "relu",
+) -> mx.array:
+    """``act(a op b)`` as one fused primitive.
+
+    Args:
+        a, b (array or scalar): operands, with MLX broadcasting and type
+            promotion (a Python number takes the other operand's dtype).
+        op (str or BinaryOp): ``"add"``, ``"sub"``, ``"mul"`` or ``"div"``.
+        activation (str or Activation): ``"relu"``, ``"gelu"`` (erf form, as
+            ``nn.gelu``), ``"gelu_approx"`` (tanh form) or ``"silu"``.
+
+    Returns:
+        array: the same values as the unfused ``act(a op b)`` in MLX.
+    """
+    op, act = as_binary_op(op), as_activation(activation)
+    if not isinstance(a, mx.array) and not isinstance(b, mx.array):
+        a = mx.array(a)
+    a = as_array(a, b.dtype if isinstance(b, mx.array) else a.dtype)
+    b = as_array(b, a.dtype)
+    if not (is_fusable_dtype(a.dtype) and is_fusable_dtype(b.dtype)):
+        return binary_reference(a, b, op, act)
+    try:
+        out_shape = mx.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        return binary_reference(a, b, op, act)  # raises MLX's own error
+    if _prod(out_shape) == 0:
+        return binary_reference(a, b, op, act)
+    dtype = promote(a.dtype, b.dtype)
+    if a.dtype != dtype:
+        a = a.astype(dtype)
+    if b.dtype != dtype:
+        b = b.astype(dtype)
+    return _binary_primitive(op, act)(a, b)
+
+
+# --- act(x * scale + shift) ------------------------------------------------------
+
+_PARAMS_CACHE_SIZE = 1024
+
+
+@lru_cache(maxsize=_PARAMS_CACHE_SIZE)
+def _params(scale: float, shift: float) -> mx.array:
+    """(scale, shift) as a float32 array, made once per value pair: no per-call
+    host allocation for the usual constant scale/shift."""
+    p = mx.array([scale, shift], dtype=mx.float32)
+    mx.eval(p)
+    return p
+
+
+def launch_scalar(act: Activation, x: mx.array, p: mx.array) -> mx.array:
+    xk = x.reshape(-1)
+    grid, group = grid_for(xk.size, x.dtype)
+    out = kernels.get_kernel("scalar_activation")(
+        inputs=[xk, p],
+        output_shapes=[xk.shape],
+        output_dtypes=[x.dtype],
+        grid=grid,
+        threadgroup=group,
+        template=[("T", x.dtype), ("ACT", act.code)],
+    )[0]
+    return out.reshape(x.shape)
+
+
+def launch_scalar_backward(act: Activation, x: mx.array, p: mx.array, g: mx.array) -> mx.array:
+    xk = x.reshape(-1)
+    gk = (g.astype(x.dtype) if g.dtype != x.dtype else g).reshape(-1)
+    grid, group = grid_for(xk.size, x.dtype)
+    dx = kernels.get_kernel("scalar_activation_backward")(
+        inputs=[xk, p, gk],
+        output_shapes=[xk.shape],
+        output_dtypes=[x.dtype],
+        grid=grid,
+        threadgroup=group,
+        template=[("T", x.dtype), ("ACT", act.code)],
+    )[0]
+    return dx.reshape(x.shape)
+
+
+@lru_cache(maxsize=None)
+def _scalar_primitive(act: Activation):
+    def reference(x, p):
+        return act.reference(x * p[0].astype(x.dtype) + p[1].astype(x.dtype))
+
+    def dz_of(x, p, g):
+        return g * activation_grad(act, x * p[0].astype(x.dtype) + p[1].astype(x.dtype))
+
+    cpu_forward = mx.compile(reference)
+    cpu_backward = mx.compile(lambda x, p, g: dz_of(x, p, g) * p[0].astype(x.dtype))
+
+    @mx.custom_function
+    def fused(x, p):
+        if kernels.kernel_backend() is None:
+            return cpu_forward(x, p)
+        return launch_scalar(act, x, p)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangent, output):
+        x, p = primals
+        if kernels.kernel_backend() is None:
+            dx = cpu_backward(x, p, cotangent)
+        else:
+            dx = launch_scalar_backward(act, x, p, cotangent)
+        # Gradients for scale/shift matter only when they were arrays; MLX
+        # evaluates lazily, so these reductions run only if someone asks.
+        dz = dz_of(x, p, cotangent).astype(mx.float32)
+        dp = mx.stack([(dz * x.astype(mx.float32)).sum(), dz.sum()])
+        return dx, dp
+
+    @fused.jvp
+    def fused_jvp(primals, tangents):
+        return mx.jvp(reference, list(primals), list(tangents))[1][0]
+
+    @fused.vmap
+    def fused_vmap(inputs, axes):
+        return mx.vmap(reference, in_axes=tuple(axes))(*inputs), 0
+
+    return fused
+
+
+def _check_number(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"fused_scalar: {name} must be a Python number or an mx.array, got {type(v).__name__}")
+    return float(v)
+
+
+def fused_scalar(
+    x: mx.array,
+    scale: Union[Number, mx.array] = 1.0,
+    shift: Union[Number, mx.array] = 0.0,
+    activation: Union[str, Activation] = "relu",
+) -> mx.array:
+    """``act(x * scale + shift)`` as one fused primitive.
+
+    Covers the design's MulScalar+act (``shift=0``), AddScalar+act (``scale=1``)
+    and Affine+act.
+
+    Args:
+        x (array): input.
+        scale, shift (number or one-element array): Python numbers are weakly
+            typed (the result keeps ``x.dtype``); arrays follow MLX promotion
+            and receive gradients.
+        activation (str or Activation): as in :func:`fused_binary`.
+    """
+    act = as_activation(activation)
+    if not isinstance(x, mx.array):
+        x = mx.array(x)
+    if isinstance(scale, mx.array) or isinstance(shift, mx.array):
+        scale_a, shift_a = as_array(scale, x.dtype), as_array(shift, x.dtype)
+        if scale_a.size != 1 or shift_a.size != 1:
+            raise ValueError(
+                "fused_scalar: scale and shift must be scalars (one element); "
+                f"got shapes {scale_a.shape} and {shift_a.shape} — use fused_binary for tensors"
+            )
+        if not all(is_fusable_dtype(d) for d in (x.dtype, scale_a.dtype, shift_a.dtype)) or x.size == 0:
+            return scalar_reference(x, scale_a, shift_a, act)
+        out_shape = mx.broadcast_shapes(x.shape, scale_a.shape, shift_a.shape)
+        dtype = promote(x.dtype, scale_a.dtype, shift_a.dtype)
+        p = mx.concatenate([scale_a.reshape(1), shift_a.reshape(1)]).astype(mx.float32)
+        xk = x.astype(dtype) if x.dtype != dtype else x
+        y = _scalar_primitive(act)(xk, p)
+        return y.reshape(out_shape) if tuple(y.shape) != tuple(out_shape) else y
+    s, t = _check_number("scale", scale), _check_number("shift", shift)
+    if not is_fusable_dtype(x.dtype) or x.size == 0:
+        return scalar_reference(x, scale, shift, act)
+    return _scalar_primitive(act)(x, _params(s, t))

@@ -1,0 +1,132 @@
+"""Fused linear layer: act(x @ weight.T + bias) as one custom primitive.
+
+Forward: MLX's GEMM, then one epilogue kernel that adds the bias and applies
+the activation in a single pass over the GEMM output (binary_activation with a
+row-broadcast bias, or scalar_activation when there is no bias). The GEMM
+result is returned as a hidden second output so the backward pass reuses it
+instead of recomputing the product.
+
+Backward: one kernel for dz = g * act'(mm + bias), then MLX matmuls for
+dx = dz @ W and dW = dz.T @ x, and a reduction for the bias gradient.
+
+With no activation there is nothing to add to MLX: `mx.addmm` already fuses the
+bias into the GEMM, so that is what runs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Union
+
+import mlx.core as mx
+
+from .. import kernels
+from ..patterns import Activation, BinaryOp, as_activation
+from .common import activation_grad, is_fusable_dtype, promote
+from .elementwise import _params, launch_binary, launch_binary_backward, launch_scalar, launch_scalar_backward
+
+__all__ = ["fused_linear", "linear_reference"]
+
+
+def linear_reference(x, weight, bias=None, activation=None) -> mx.array:
+    """act(x @ weight.T + bias) computed by MLX op by op."""
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    act = as_activation(activation, allow_none=True)
+    return act.reference(y) if act is not None else y
+
+
+@lru_cache(maxsize=None)
+def _linear_primitive(act: Activation, has_bias: bool):
+    def parts(x, w, *b):
+        mm = x @ w.T
+        z = mm + b[0] if has_bias else mm
+        return act.reference(z), mm
+
+    def dz_of(mm, g, *b):
+        return g * activation_grad(act, mm + b[0] if has_bias else mm)
+
+    cpu_forward = mx.compile(parts)
+    cpu_dz = mx.compile(dz_of)
+
+    @mx.custom_function
+    def fused(x, w, *b):
+        if kernels.kernel_backend() is None:
+            return cpu_forward(x, w, *b)
+        mm = x @ w.T
+        if has_bias:
+            y = launch_binary(BinaryOp.ADD, act, mm, b[0], mm.shape)
+        else:
+            y = launch_scalar(act, mm, _params(1.0, 0.0))
+        return y, mm
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        x, w = primals[0], primals[1]
+        b = tuple(primals[2:])
+        g, mm = cotangents[0], outputs[1]
+        if kernels.kernel_backend() is None:
+            dz = cpu_dz(mm, g, *b)
+        elif has_bias:
+            dz, _ = launch_binary_backward(BinaryOp.ADD, act, mm, b[0], g, mm.shape)
+        else:
+            dz = launch_scalar_backward(act, mm, _params(1.0, 0.0), g)
+        grads = (dz @ w, dz.T @ x)
+        if has_bias:
+            grads += (dz.sum(axis=0).astype(b[0].dtype),)
+        return grads
+
+    @fused.jvp
+    def fused_jvp(primals, tangents):
+        return list(mx.jvp(parts, list(primals), list(tangents))[1])
+
+    @fused.vmap
+    def fused_vmap(inputs, axes):
+        return list(mx.vmap(parts, in_axes=tuple(axes))(*inputs)), [0, 0]
+
+    return fused
+
+
+def fused_linear(
+    x: mx.array,
+    weight: mx.array,
+    bias: Optional[mx.array] = None,
+    activation: Union[str, Activation, None] = None,
+) -> mx.array:
+    """``act(x @ weight.T + bias)`` as one fused primitive.
+
+    Args:
+        x (array): input of shape ``(..., in)``; any number of leading dims.
+        weight (array): ``(out, in)``, the layout of ``nn.Linear.weight``.
+        bias (array, optional): ``(out,)``. Default: ``None``.
+        activation (str or Activation, optional): as in :func:`fused_binary`,
+            or ``None`` for no activation. Default: ``None``.
+
+    Returns:
+        array: ``(..., out)``, the same values as the unfused expression.
+    """
+    act = as_activation(activation, allow_none=True)
+    arrays = [x, weight] + ([bias] if bias is not None else [])
+    if not all(isinstance(t, mx.array) for t in arrays):
+        raise TypeError("fused_linear: x, weight and bias must be mx.array")
+    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.ndim > 1):
+        return linear_reference(x, weight, bias, act)  # MLX raises its own shape error, or broadcasts
+    out_features = weight.shape[0]
+    if bias is not None and bias.size not in (1, out_features):
+        return linear_reference(x, weight, bias, act)
+    dtype = promote(*(t.dtype for t in arrays))
+    if not all(is_fusable_dtype(t.dtype) for t in arrays) or x.size == 0 or weight.size == 0:
+        return linear_reference(x, weight, bias, act)
+    if act is None:
+        if bias is None:
+            return x @ weight.T
+        return mx.addmm(bias, x, weight.T)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    args = [x2, weight]
+    if bias is not None:
+        args.append(bias if bias.shape == (out_features,) else mx.broadcast_to(bias, (out_features,)))
+    args = [t.astype(dtype) if t.dtype != dtype else t for t in args]
+    y = _linear_primitive(act, bias is not None)(*args)[0]
+    return y.reshape(*lead, out_features)
