@@ -91,7 +91,19 @@ def binary_operand_grads(op: BinaryOp, dz, a, b):
     return dz / b, -(dz * a) / (b * b)
 
 
+def f32(x: mx.array) -> mx.array:
+    return x if x.dtype == mx.float32 else x.astype(mx.float32)
+
+
 def flat1d(x: mx.array) -> mx.array:
     """0-d arrays are passed to kernels as shape (1,): MLX passes a 0-d input as a
     reference without shape buffers, which the kernels do not expect."""
     return x.reshape(1) if x.ndim == 0 else x
+
+
+def tangents_for(primals, tangents) -> list:
+    """MLX may pass None (or fewer tangents) for inputs it does not differentiate."""
+    primals = [primals] if isinstance(primals, mx.array) else list(primals)
+    tangents = [tangents] if isinstance(tangents, mx.array) else list(tangents)
+    tangents += [None] * (len(primals) - len(tangents))
+    return [mx.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]

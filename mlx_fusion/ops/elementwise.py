@@ -23,11 +23,13 @@ from .common import (
     activation_grad,
     as_array,
     binary_operand_grads,
+    f32,
     flat1d,
     grid_for,
     is_fusable_dtype,
     promote,
     sum_to_shape,
+    tangents_for,
 )
 
 __all__ = ["fused_binary", "fused_scalar", "binary_reference", "scalar_reference"]
@@ -109,14 +111,18 @@ def _binary_primitive(op: BinaryOp, act: Activation):
     def reference(a, b):
         return act.reference(op.reference(a, b))
 
+    # CPU: the kernels' math as MLX expressions, in float32 like the kernels
+    # (half-precision cancellation in e.g. 1 + tanh(u) would zero gradients);
+    # mx.compile fuses each into one loop, so the casts cost no memory traffic.
     @mx.compile
     def cpu_forward(a, b):
-        return reference(a, b)
+        return reference(f32(a), f32(b)).astype(a.dtype)
 
     @mx.compile
     def cpu_backward(a, b, g):
-        dz = g * activation_grad(act, op.reference(a, b))
-        return binary_operand_grads(op, dz, a, b)
+        a32, b32 = f32(a), f32(b)
+        dz = f32(g) * activation_grad(act, op.reference(a32, b32))
+        return tuple(d.astype(a.dtype) for d in binary_operand_grads(op, dz, a32, b32))
 
     @mx.custom_function
     def fused(a, b):
@@ -138,7 +144,7 @@ def _binary_primitive(op: BinaryOp, act: Activation):
 
     @fused.jvp
     def fused_jvp(primals, tangents):
-        return mx.jvp(reference, list(primals), list(tangents))[1][0]
+        return mx.jvp(reference, list(primals), tangents_for(primals, tangents))[1][0]
 
     @fused.vmap
     def fused_vmap(inputs, axes):
@@ -234,11 +240,11 @@ def _scalar_primitive(act: Activation):
     def reference(x, p):
         return act.reference(x * p[0].astype(x.dtype) + p[1].astype(x.dtype))
 
-    def dz_of(x, p, g):
-        return g * activation_grad(act, x * p[0].astype(x.dtype) + p[1].astype(x.dtype))
+    def dz_of(x, p, g):  # in float32, as the kernels compute
+        return f32(g) * activation_grad(act, f32(x) * p[0] + p[1])
 
-    cpu_forward = mx.compile(reference)
-    cpu_backward = mx.compile(lambda x, p, g: dz_of(x, p, g) * p[0].astype(x.dtype))
+    cpu_forward = mx.compile(lambda x, p: act.reference(f32(x) * p[0] + p[1]).astype(x.dtype))
+    cpu_backward = mx.compile(lambda x, p, g: (dz_of(x, p, g) * p[0]).astype(x.dtype))
 
     @mx.custom_function
     def fused(x, p):
@@ -255,13 +261,13 @@ def _scalar_primitive(act: Activation):
             dx = launch_scalar_backward(act, x, p, cotangent)
         # Gradients for scale/shift matter only when they were arrays; MLX
         # evaluates lazily, so these reductions run only if someone asks.
-        dz = dz_of(x, p, cotangent).astype(mx.float32)
-        dp = mx.stack([(dz * x.astype(mx.float32)).sum(), dz.sum()])
+        dz = dz_of(x, p, cotangent)
+        dp = mx.stack([(dz * f32(x)).sum(), dz.sum()])
         return dx, dp
 
     @fused.jvp
     def fused_jvp(primals, tangents):
-        return mx.jvp(reference, list(primals), list(tangents))[1][0]
+        return mx.jvp(reference, list(primals), tangents_for(primals, tangents))[1][0]
 
     @fused.vmap
     def fused_vmap(inputs, axes):

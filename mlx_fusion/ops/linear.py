@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..patterns import Activation, BinaryOp, as_activation
-from .common import activation_grad, is_fusable_dtype, promote
+from .common import activation_grad, f32, is_fusable_dtype, promote, tangents_for
 from .elementwise import _params, launch_binary, launch_binary_backward, launch_scalar, launch_scalar_backward
 
 __all__ = ["fused_linear", "linear_reference"]
@@ -44,10 +44,18 @@ def _linear_primitive(act: Activation, has_bias: bool):
         z = mm + b[0] if has_bias else mm
         return act.reference(z), mm
 
-    def dz_of(mm, g, *b):
-        return g * activation_grad(act, mm + b[0] if has_bias else mm)
+    # CPU: the epilogue math in float32, as the kernels compute it; mx.compile
+    # fuses it into one loop over the GEMM output.
+    def cpu_parts(x, w, *b):
+        mm = x @ w.T
+        z = f32(mm) + f32(b[0]) if has_bias else f32(mm)
+        return act.reference(z).astype(mm.dtype), mm
 
-    cpu_forward = mx.compile(parts)
+    def dz_of(mm, g, *b):
+        z = f32(mm) + f32(b[0]) if has_bias else f32(mm)
+        return (f32(g) * activation_grad(act, z)).astype(mm.dtype)
+
+    cpu_forward = mx.compile(cpu_parts)
     cpu_dz = mx.compile(dz_of)
 
     @mx.custom_function
@@ -79,7 +87,7 @@ def _linear_primitive(act: Activation, has_bias: bool):
 
     @fused.jvp
     def fused_jvp(primals, tangents):
-        return list(mx.jvp(parts, list(primals), list(tangents))[1])
+        return list(mx.jvp(parts, list(primals), tangents_for(primals, tangents))[1])
 
     @fused.vmap
     def fused_vmap(inputs, axes):
