@@ -1,17 +1,39 @@
-"""mlx-fusion: automatic operator fusion for MLX."""
+"""mlx-fusion: automatic operator fusion for MLX.
+
+    import mlx_fusion
+    model = mlx_fusion.fuse(model)      # runs fused from now on
+    mlx_fusion.stats()                  # what was fused, memory saved
+
+The pipeline: trace (mx.export_function) -> IR -> match rules -> rewrite with
+fused primitives (mlx_fusion.ops) -> replay. See docs/architecture.md.
+"""
 
 from ._compat import check_mlx_version as _check_mlx_version
 
 _check_mlx_version()
 
+from . import ops  # noqa: E402
+from .config import FusionConfig, configure, fusion_config, get_config, reset_config  # noqa: E402
+from .fuse import FusedFunction, FusionFallbackWarning, fuse, reset_stats, stats  # noqa: E402
+from .graph.ir import Graph, Node, Value  # noqa: E402
+from .graph.optimizer import FusionOpportunity, FusionOptimizer, FusionStats  # noqa: E402
+from .graph.trace import TraceError, trace  # noqa: E402
 from .patterns import (  # noqa: E402
     Activation,
     BinaryActivation,
     BinaryOp,
+    FusionPattern,
     LinearLayer,
     ScalarActivation,
     ScalarOp,
 )
-from . import ops  # noqa: E402
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "fuse", "trace", "stats", "reset_stats", "ops",
+    "FusionConfig", "configure", "fusion_config", "get_config", "reset_config",
+    "FusionOptimizer", "FusionOpportunity", "FusionStats", "FusedFunction", "FusionFallbackWarning",
+    "Graph", "Node", "Value", "TraceError",
+    "Activation", "BinaryOp", "ScalarOp", "FusionPattern", "BinaryActivation", "LinearLayer", "ScalarActivation",
+]

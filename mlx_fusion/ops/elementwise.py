@@ -120,8 +120,11 @@ def _binary_primitive(op: BinaryOp, act: Activation):
 
     @mx.compile
     def cpu_backward(a, b, g):
+        # Like the kernel: add/sub return dz alone (one output to write).
         a32, b32 = f32(a), f32(b)
         dz = f32(g) * activation_grad(act, op.reference(a32, b32))
+        if op in (BinaryOp.ADD, BinaryOp.SUB):
+            return dz.astype(a.dtype), None
         return tuple(d.astype(a.dtype) for d in binary_operand_grads(op, dz, a32, b32))
 
     @mx.custom_function
@@ -137,9 +140,9 @@ def _binary_primitive(op: BinaryOp, act: Activation):
             da, db = cpu_backward(a, b, cotangent)
         else:
             da, db = launch_binary_backward(op, act, a, b, cotangent, output.shape)
-            if db is None:  # add/sub: the kernel wrote dz only
-                db_r = sum_to_shape(da, b.shape)
-                return sum_to_shape(da, a.shape), (db_r if op is BinaryOp.ADD else -db_r)
+        if db is None:  # add/sub: da holds dz; reduce first, negate the small result
+            db = sum_to_shape(da, b.shape)
+            return sum_to_shape(da, a.shape), (db if op is BinaryOp.ADD else -db)
         return sum_to_shape(da, a.shape), sum_to_shape(db, b.shape)
 
     @fused.jvp

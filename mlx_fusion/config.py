@@ -1,0 +1,165 @@
+"""Fusion settings: one immutable `FusionConfig`, a process-wide default and
+thread-local temporary overrides.
+
+    configure(min_tensor_size=0)            # process-wide, every thread
+    with fusion_config(enabled=False): ...  # this thread only, restored on exit
+
+`FusionConfig` is frozen, so a config handed to another thread can never
+change under it; "changing" the default swaps in a new object under a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
+
+import mlx.core as mx
+
+__all__ = [
+    "FusionConfig",
+    "DEFAULT_MIN_TENSOR_SIZE",
+    "get_config",
+    "configure",
+    "reset_config",
+    "fusion_config",
+    "current_device_kind",
+]
+
+# Below ~4K elements an elementwise op is launch-latency bound either way, so a
+# fused kernel saves at most one launch, while every distinct size costs one
+# JIT compile of the kernel (sizes are template constants, see FACTS.md).
+# Set 0 to fuse everything (tests do).
+DEFAULT_MIN_TENSOR_SIZE = 4096
+
+_DEVICE_FIELDS = {"metal": "metal", "cuda": "cuda", "cpu": "cpu",
+                  "neural_engine": "neural_engine", "ane": "neural_engine"}
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """What the fusion pass may do.
+
+    Args:
+        enabled (bool): master switch. Default: ``True``.
+        min_tensor_size (int): fuse only when the fused output has at least this
+            many elements. Default: ``4096``.
+        metal, cuda, cpu (bool): allow fusion when MLX runs on that device.
+        neural_engine (bool): allow Core ML / Neural Engine offload. Default: ``False``.
+        enabled_patterns (frozenset or None): ``None`` allows every pattern; else
+            entries are pattern classes (``BinaryActivation``), pattern instances
+            (``BinaryActivation(BinaryOp.ADD, Activation.RELU)``) or pattern
+            names (``"add+relu"``, ``"linear+bias+relu"``).
+    """
+
+    enabled: bool = True
+    min_tensor_size: int = DEFAULT_MIN_TENSOR_SIZE
+    metal: bool = True
+    cuda: bool = True
+    cpu: bool = True
+    neural_engine: bool = False
+    enabled_patterns: Optional[frozenset] = None
+
+    def __post_init__(self):
+        if isinstance(self.min_tensor_size, bool) or not isinstance(self.min_tensor_size, int) \
+                or self.min_tensor_size < 0:
+            raise ValueError(f"min_tensor_size must be an int >= 0, got {self.min_tensor_size!r}")
+        for name in ("enabled", "metal", "cuda", "cpu", "neural_engine"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        pats = self.enabled_patterns
+        if pats is not None:
+            if isinstance(pats, (str, type)) or not isinstance(pats, Iterable):
+                pats = [pats]  # a single entry is a common slip; accept it
+            pats = frozenset(pats)
+            for p in pats:
+                if not (isinstance(p, (str, type)) or hasattr(p, "name")):
+                    raise TypeError(f"enabled_patterns entry {p!r} is not a pattern, class or name")
+            object.__setattr__(self, "enabled_patterns", pats)
+
+    def allows(self, pattern: Any) -> bool:
+        """True if `pattern` (an instance) is enabled: by class, by value or by name."""
+        if self.enabled_patterns is None:
+            return True
+        pats = self.enabled_patterns
+        cls = type(pattern)
+        return (cls in pats or pattern in pats or cls.__name__ in pats
+                or getattr(pattern, "name", None) in pats)
+
+    def device_allowed(self, device_kind: str) -> bool:
+        """`device_kind`: "metal", "cuda", "cpu" or "neural_engine" (alias "ane")."""
+        field = _DEVICE_FIELDS.get(str(device_kind).lower())
+        if field is None:
+            raise ValueError(f"unknown device kind {device_kind!r}; expected one of {sorted(_DEVICE_FIELDS)}")
+        return getattr(self, field)
+
+    def replace(self, **changes) -> "FusionConfig":
+        _check_fields(changes)
+        return dataclasses.replace(self, **changes)
+
+
+def current_device_kind() -> str:
+    """"metal", "cuda" or "cpu": where MLX's default device runs now."""
+    if mx.default_device().type == mx.DeviceType.gpu:
+        if mx.metal.is_available():
+            return "metal"
+        cuda = getattr(mx, "cuda", None)
+        if cuda is not None and cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(FusionConfig))
+
+
+def _check_fields(changes) -> None:
+    unknown = sorted(set(changes) - _FIELDS)
+    if unknown:
+        raise TypeError(f"unknown FusionConfig field(s) {unknown}; valid: {sorted(_FIELDS)}")
+
+
+_lock = threading.Lock()
+_global = FusionConfig()
+_local = threading.local()  # .stack: this thread's fusion_config() overrides
+
+
+def get_config() -> FusionConfig:
+    """The config in effect for this thread: its innermost `fusion_config`, else the global one."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    with _lock:
+        return _global
+
+
+def configure(**changes) -> FusionConfig:
+    """Change the process-wide default (all threads without an override). Returns the new config."""
+    global _global
+    _check_fields(changes)
+    with _lock:
+        _global = dataclasses.replace(_global, **changes)
+        return _global
+
+
+def reset_config() -> FusionConfig:
+    """Restore the process-wide default to `FusionConfig()`."""
+    global _global
+    with _lock:
+        _global = FusionConfig()
+        return _global
+
+
+@contextlib.contextmanager
+def fusion_config(**changes) -> Iterator[FusionConfig]:
+    """Temporarily change the config for the current thread only; nests."""
+    new = get_config().replace(**changes)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(new)
+    try:
+        yield new
+    finally:
+        stack.pop()

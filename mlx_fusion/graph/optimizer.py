@@ -1,0 +1,233 @@
+"""Detect fusion opportunities in a `Graph` and rewrite it in place.
+
+    opt = FusionOptimizer()
+    stats = opt.optimize(graph)        # = apply_fusions(graph, detect_opportunities(graph))
+
+Detection runs the rule set (`rules.RULES`) over every node, prices each legal
+match, and keeps a non-overlapping set, best first. Without measurements the
+price is a roofline-style model (bytes moved and kernel launches, plus GEMM
+FLOPs), marked `source="model"`; a tracker with measured speedups overrides it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from ..config import FusionConfig, current_device_kind, get_config
+from .ir import Graph, GraphError, Node, Value
+from .rules import RULES, VIEW_OPS, Match, MatchContext, RuleSet
+
+__all__ = ["FusionOpportunity", "FusionStats", "FusionOptimizer", "CostModel"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A deliberately simple device: every non-view node is one kernel that reads its inputs
+    and writes its output once; GEMMs also pay FLOPs. Numbers are order-of-magnitude for an
+    Apple/NVIDIA GPU; only ratios and rankings matter."""
+
+    bandwidth: float = 400e9  # bytes/s
+    launch: float = 5e-6  # s per kernel
+    flops: float = 20e12  # FLOP/s for matmuls
+
+    def kernel(self, reads: List[Value], writes: Value, flops: float = 0.0) -> float:
+        nbytes = sum(v.nbytes for v in reads) + writes.nbytes
+        return self.launch + nbytes / self.bandwidth + flops / self.flops
+
+
+def _gemm_flops(node: Node) -> float:
+    if node.op not in ("Matmul", "AddMM"):
+        return 0.0
+    lhs, rhs = node.inputs[0], node.inputs[1]
+    return 2.0 * lhs.size * rhs.shape[-1]  # 2*M*K*N
+
+
+@dataclass
+class FusionOpportunity:
+    """A match the optimizer would apply.
+
+    pattern: the FusionPattern; node_ids: the nodes replaced (graph order, last = root);
+    estimated_speedup: unfused time / fused time of those nodes; memory_savings: bytes of
+    intermediates no longer written; replacement: the fused Node (id assigned on apply);
+    source: "model" or "measured"; benefit: estimated seconds saved (the sort key)."""
+
+    pattern: object
+    node_ids: List[int]
+    estimated_speedup: float
+    memory_savings: int
+    replacement: Node
+    removable_ids: List[int] = field(default_factory=list)
+    source: str = "model"
+    benefit: float = 0.0
+    dtype: object = None
+    size: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.pattern.name
+
+
+@dataclass
+class FusionStats:
+    applied_count: int = 0
+    failed_count: int = 0
+    memory_saved_bytes: int = 0
+    by_pattern: Dict[str, int] = field(default_factory=dict)
+
+    def record(self, opp: FusionOpportunity) -> None:
+        self.applied_count += 1
+        self.memory_saved_bytes += opp.memory_savings
+        self.by_pattern[opp.name] = self.by_pattern.get(opp.name, 0) + 1
+
+    def merge(self, other: "FusionStats") -> "FusionStats":
+        """Add `other` into self; returns self."""
+        self.applied_count += other.applied_count
+        self.failed_count += other.failed_count
+        self.memory_saved_bytes += other.memory_saved_bytes
+        for k, v in other.by_pattern.items():
+            self.by_pattern[k] = self.by_pattern.get(k, 0) + v
+        return self
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["by_pattern"] = dict(sorted(self.by_pattern.items()))
+        return d
+
+
+class FusionOptimizer:
+    """Args:
+        config (FusionConfig, optional): default: `get_config()` at each call, so
+            `fusion_config(...)` blocks apply.
+        tracker (optional): has `lookup(pattern, dtype, size, device) -> Optional[float]`, a
+            measured speedup; opportunities measured below 1.0 are skipped.
+        rules (RuleSet, optional): default `rules.RULES`.
+        cost (CostModel, optional): the model used when nothing is measured.
+        device (str, optional): "metal" / "cuda" / "cpu"; default: MLX's current device.
+    """
+
+    def __init__(self, config: Optional[FusionConfig] = None, tracker=None, rules: RuleSet = RULES,
+                 cost: CostModel = CostModel(), device: Optional[str] = None):
+        self._config, self.tracker, self.rules, self.cost, self._device = config, tracker, rules, cost, device
+
+    @property
+    def config(self) -> FusionConfig:
+        return self._config if self._config is not None else get_config()
+
+    @property
+    def device(self) -> str:
+        return self._device or current_device_kind()
+
+    # -- detection --------------------------------------------------------------------------------
+    def detect_opportunities(self, graph: Graph) -> List[FusionOpportunity]:
+        """Legal, worthwhile, non-overlapping opportunities, best (largest benefit) first."""
+        config, device = self.config, self.device
+        if not config.enabled or not config.device_allowed(device):
+            return []
+        ctx = MatchContext(graph, config)
+        found = []
+        for node in graph.nodes:
+            for m in self.rules.matches(ctx, node):
+                opp = self._price(ctx, m, device)
+                if opp is not None:
+                    found.append(opp)
+        # Greedy by benefit; the stable sort leaves ties to graph order, then to the rule
+        # listed first (linear, scalar, binary). A node belongs to at most one fusion.
+        found.sort(key=lambda o: -o.benefit)
+        taken, chosen = set(), []
+        for opp in found:
+            if taken.isdisjoint(opp.node_ids):
+                taken.update(opp.node_ids)
+                chosen.append(opp)
+        return chosen
+
+    def _price(self, ctx: MatchContext, m: Match, device: str) -> Optional[FusionOpportunity]:
+        producer = ctx.producer
+
+        def source_of(v: Value) -> Value:  # a broadcast reads its (small) source
+            p = producer.get(v.name)
+            return p.inputs[0] if p is not None and p.op == "Broadcast" else v
+
+        unfused = sum(self.cost.kernel([source_of(v) for v in n.inputs], n.outputs[0], _gemm_flops(n))
+                      for n in m.nodes if n.op not in VIEW_OPS)
+        gemm = sum(_gemm_flops(n) for n in m.nodes)
+        fused = self.cost.kernel(m.inputs, m.output, gemm)
+        saved = sum(v.nbytes for n in m.nodes[:-1] if n.op not in VIEW_OPS for v in n.outputs)
+        speedup, source = unfused / fused, "model"
+        if self.tracker is not None:
+            measured = self.tracker.lookup(m.pattern, m.output.dtype, m.size, device)
+            if measured is not None:
+                if measured < 1.0:
+                    return None  # measured slower than unfused: leave it alone
+                speedup, source = float(measured), "measured"
+        if speedup <= 1.0:
+            return None
+        replacement = Node(-1, m.op, list(m.inputs), [m.output], dict(m.params))
+        return FusionOpportunity(m.pattern, m.node_ids, speedup, saved, replacement,
+                                 [n.id for n in m.via], source, unfused * (1 - 1 / speedup),
+                                 m.output.dtype, m.size)
+
+    # -- rewriting --------------------------------------------------------------------------------
+    def apply_fusions(self, graph: Graph, opportunities: List[FusionOpportunity]) -> FusionStats:
+        """Rewrite `graph` in place, one opportunity at a time; a stale one counts as failed."""
+        stats = FusionStats()
+        for opp in opportunities:
+            try:
+                self._apply(graph, opp)
+            except GraphError as e:
+                stats.failed_count += 1
+                log.warning("fusion %s on nodes %s not applied: %s", opp.name, opp.node_ids, e)
+            else:
+                stats.record(opp)
+        graph.lint()
+        return stats
+
+    def optimize(self, graph: Graph) -> FusionStats:
+        return self.apply_fusions(graph, self.detect_opportunities(graph))
+
+    def _apply(self, graph: Graph, opp: FusionOpportunity) -> None:
+        index = {n.id: i for i, n in enumerate(graph.nodes)}
+        missing = [i for i in opp.node_ids if i not in index]
+        if missing:
+            raise GraphError(f"nodes {missing} no longer in the graph")
+        doomed = set(opp.node_ids)
+        root = max(opp.node_ids, key=index.__getitem__)
+        users = graph.users()
+        for i in opp.node_ids:  # re-check legality: the graph may have changed since detection
+            for v in graph.nodes[index[i]].outputs:
+                if i != root and (graph.is_output(v.name)
+                                  or any(u.id not in doomed for u in users.get(v.name, ()))):
+                    raise GraphError(f"{v.name} is now used outside the fusion")
+        out = opp.replacement.outputs[0]
+        if graph.nodes[index[root]].outputs[0].name != out.name:
+            raise GraphError("root node no longer produces the fused output")
+        fused = Node(graph.next_id(), opp.replacement.op, list(opp.replacement.inputs), [out],
+                     dict(opp.replacement.params))
+        # The fused node takes the root's place: its inputs are all defined before the root
+        # and the root's users all come after it, so topological order holds.
+        graph.nodes = [fused if n.id == root else n for n in graph.nodes if n.id == root or n.id not in doomed]
+        self._remove_dead(graph, opp.removable_ids)
+
+    @staticmethod
+    def _remove_dead(graph: Graph, candidates: List[int]) -> None:
+        """Drop looked-through view nodes (Broadcast, Transpose, Flatten...) nobody reads now."""
+        pending = set(candidates)
+        while pending:
+            users = graph.users()
+            dead = {n.id for n in graph.nodes if n.id in pending and n.op in VIEW_OPS
+                    and not any(users.get(v.name) or graph.is_output(v.name) for v in n.outputs)}
+            if not dead:
+                return
+            # A dead view may have made its own producer (another view) dead.
+            producers = graph.producers()
+            for n in graph.nodes:
+                if n.id in dead:
+                    for v in n.inputs:
+                        p = producers.get(v.name)
+                        if p is not None and p.op in VIEW_OPS:
+                            pending.add(p.id)
+            graph.nodes = [n for n in graph.nodes if n.id not in dead]
+            pending -= dead

@@ -1,0 +1,45 @@
+"""Run the Metal kernel sources on the CPU (see shim.py and docs/metal-verification.md)."""
+
+import pytest
+
+from .shim import (
+    CXX,
+    InputMeta,
+    ShimCompileError,
+    ShimMetalKernel,
+    compile_sources,
+    have_compiler,
+    render,
+    render_metal_kernel,
+)
+
+__all__ = [
+    "CXX", "InputMeta", "ShimCompileError", "ShimMetalKernel", "compile_sources", "have_compiler",
+    "render", "render_metal_kernel", "SweepShimMetalKernel", "metal_shim",
+]
+
+
+class SweepShimMetalKernel(ShimMetalKernel):
+    """The factory the tests use: a cache miss builds every OP x ACT variant in one g++ run."""
+
+    speculate = {"OP": range(4), "ACT": range(4)}
+    launches = 0
+
+    def __call__(self, **kwargs):
+        SweepShimMetalKernel.launches += 1
+        return super().__call__(**kwargs)
+
+
+@pytest.fixture
+def metal_shim():
+    """Inside the test, mlx_fusion's fused ops take their Metal path, executed on the CPU.
+
+    Yields the factory class; `factory.launches` counts kernel launches. The shim runs eagerly
+    (it evaluates its inputs), so it works under mx.grad but not inside mx.compile / mx.vmap.
+    """
+    if not have_compiler():
+        pytest.skip(f"{CXX} is not on PATH: cannot compile the Metal sources as C++")
+    from mlx_fusion import kernels
+
+    with kernels.use_backend("metal", SweepShimMetalKernel):
+        yield SweepShimMetalKernel
