@@ -1,19 +1,19 @@
 // out = act(a op b) over the broadcast output shape. Twin: binary_activation.cu.
-// Template: T (compute and output dtype), OP, ACT, SA / SB (that operand is a
-// single element). Other operands arrive broadcast to the output shape as
-// stride-0 views (never copied); their layout is classified once per thread.
+// Template: T (compute and output dtype), OP, ACT. An operand is either one
+// element or broadcast to the output shape as a stride-0 view (never copied);
+// its layout is classified once per thread.
 // Each thread handles WPT consecutive elements (16 bytes of output).
 constexpr int WPT = 16 / sizeof(T);
-const int64_t n = SA ? fusion_size(b_shape, b_ndim) : fusion_size(a_shape, a_ndim);
+const int64_t n = metal::max(fusion_size(a_shape, a_ndim), fusion_size(b_shape, b_ndim));
 const int64_t base = int64_t(thread_position_in_grid.x) * WPT;
-const int64_t la = SA ? 0 : fusion_layout(a_shape, a_strides, a_ndim);
-const int64_t lb = SB ? 0 : fusion_layout(b_shape, b_strides, b_ndim);
+const int64_t la = fusion_operand_layout(n, a_shape, a_strides, a_ndim);
+const int64_t lb = fusion_operand_layout(n, b_shape, b_strides, b_ndim);
 for (int k = 0; k < WPT; k++) {
   const int64_t i = base + k;
   if (i >= n) {
     break;
   }
-  float x = fusion_load<SA>(a, i, la, a_shape, a_strides, a_ndim);
-  float y = fusion_load<SB>(b, i, lb, b_shape, b_strides, b_ndim);
+  float x = fusion_load(a, i, la, a_shape, a_strides, a_ndim);
+  float y = fusion_load(b, i, lb, b_shape, b_strides, b_ndim);
   out[i] = T(fusion_activation<ACT>(fusion_binary<OP>(x, y)));
 }

@@ -1,5 +1,5 @@
 // Backward of act(a op b) in one pass. Twin of binary_activation_backward.metal
-// (template T, OP, ACT, SA, SB): dz = g * act'(a op b); add/sub write dz
+// (template T, OP, ACT): dz = g * act'(a op b); add/sub write dz
 // into da only, mul/div write both operand gradients at full output shape.
 constexpr int WPT = 16 / sizeof(T);
 const int64_t n = fusion_size(g_shape, g_ndim);
@@ -7,13 +7,13 @@ const int64_t base = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * WPT;
 if (base >= n) {
   return;
 }
-const int64_t la = SA ? 0 : fusion_layout(a_shape, a_strides, a_ndim);
-const int64_t lb = SB ? 0 : fusion_layout(b_shape, b_strides, b_ndim);
+const int64_t la = fusion_operand_layout(n, a_shape, a_strides, a_ndim);
+const int64_t lb = fusion_operand_layout(n, b_shape, b_strides, b_ndim);
 const int64_t lg = fusion_layout(g_shape, g_strides, g_ndim);
 float x[WPT], y[WPT], dz[WPT];
-fusion_load<SA, WPT>(x, a, base, n, la, a_shape, a_strides, a_ndim);
-fusion_load<SB, WPT>(y, b, base, n, lb, b_shape, b_strides, b_ndim);
-fusion_load<false, WPT>(dz, g, base, n, lg, g_shape, g_strides, g_ndim);
+fusion_load<WPT>(x, a, base, n, la, a_shape, a_strides, a_ndim);
+fusion_load<WPT>(y, b, base, n, lb, b_shape, b_strides, b_ndim);
+fusion_load<WPT>(dz, g, base, n, lg, g_shape, g_strides, g_ndim);
 #pragma unroll
 for (int k = 0; k < WPT; k++) {
   dz[k] *= fusion_activation_grad<ACT>(fusion_binary<OP>(x[k], y[k]));

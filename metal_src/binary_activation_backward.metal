@@ -2,21 +2,21 @@
 // pre-activation instead of storing it, then the operand gradients of op at
 // full output shape (the caller sums them over broadcast dimensions).
 // add/sub write only dz, into da (db is a 1-element dummy); mul/div write da and db.
-// Twin: binary_activation_backward.cu. Template: T, OP, ACT, SA, SB.
+// Twin: binary_activation_backward.cu. Template: T, OP, ACT.
 constexpr int WPT = 16 / sizeof(T);
 const int64_t n = fusion_size(g_shape, g_ndim);
 const int64_t base = int64_t(thread_position_in_grid.x) * WPT;
-const int64_t la = SA ? 0 : fusion_layout(a_shape, a_strides, a_ndim);
-const int64_t lb = SB ? 0 : fusion_layout(b_shape, b_strides, b_ndim);
+const int64_t la = fusion_operand_layout(n, a_shape, a_strides, a_ndim);
+const int64_t lb = fusion_operand_layout(n, b_shape, b_strides, b_ndim);
 const int64_t lg = fusion_layout(g_shape, g_strides, g_ndim);
 for (int k = 0; k < WPT; k++) {
   const int64_t i = base + k;
   if (i >= n) {
     break;
   }
-  float x = fusion_load<SA>(a, i, la, a_shape, a_strides, a_ndim);
-  float y = fusion_load<SB>(b, i, lb, b_shape, b_strides, b_ndim);
-  float dz = fusion_load<false>(g, i, lg, g_shape, g_strides, g_ndim) *
+  float x = fusion_load(a, i, la, a_shape, a_strides, a_ndim);
+  float y = fusion_load(b, i, lb, b_shape, b_strides, b_ndim);
+  float dz = fusion_load(g, i, lg, g_shape, g_strides, g_ndim) *
       fusion_activation_grad<ACT>(fusion_binary<OP>(x, y));
   if constexpr (OP == FUSION_MUL) {
     da[i] = T(dz * y);

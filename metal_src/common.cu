@@ -127,14 +127,21 @@ __device__ __forceinline__ bool fusion_aligned(const T* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
+// Layout of an operand of an n-element output; a one-element operand is a row
+// broadcast of block 1 (see common.metal).
+template <typename S, typename St>
+__device__ __forceinline__ int64_t fusion_operand_layout(int64_t n, const S& shape, const St& strides, int ndim) {
+  return (fusion_size(shape, ndim) == 1 && n != 1) ? 1 : fusion_layout(shape, strides, ndim);
+}
+
 // W consecutive elements starting at `base` (a multiple of W) as floats.
 // Full and row-broadcast operands use one 16-byte load when aligned and in
-// bounds; everything else falls back to element loads.
-template <bool SCALAR, int W, typename T, typename S, typename St>
+// bounds; a one-element operand is read once; the rest use element loads.
+template <int W, typename T, typename S, typename St>
 __device__ __forceinline__ void fusion_load(
     float* dst, const T* x, int64_t base, int64_t n, int64_t layout,
     const S& shape, const St& strides, int ndim) {
-  if constexpr (SCALAR) {
+  if (layout == 1) {
     float v = fusion_float(x[0]);
 #pragma unroll
     for (int k = 0; k < W; k++) {

@@ -152,21 +152,25 @@ inline int64_t fusion_offset(int64_t i, const constant int* shape, const constan
   return loc;
 }
 
-// Element i of an input with the given layout (see fusion_layout); SCALAR
-// inputs (one element) are read once. P is the pointer type MLX chose: inputs
-// of fewer than 8 elements arrive in the `constant` address space.
-template <bool SCALAR, typename P>
+// Layout of an operand of an n-element output: a one-element operand is a
+// row broadcast of block 1 (always element 0), so scalars need no template
+// variant of their own.
+inline int64_t fusion_operand_layout(
+    int64_t n, const constant int* shape, const constant int64_t* strides, int ndim) {
+  return (fusion_size(shape, ndim) == 1 && n != 1) ? 1 : fusion_layout(shape, strides, ndim);
+}
+
+// Element i of an input with the given layout (see fusion_layout). P is the
+// pointer type MLX chose: inputs of fewer than 8 elements arrive in the
+// `constant` address space.
+template <typename P>
 inline float fusion_load(
     P x, int64_t i, int64_t layout,
     const constant int* shape, const constant int64_t* strides, int ndim) {
-  if constexpr (SCALAR) {
-    return float(x[0]);
-  } else {
-    if (layout == 0) {
-      return float(x[i]);
-    } else if (layout > 0) {
-      return float(x[i % layout]);
-    }
-    return float(x[fusion_offset(i, shape, strides, ndim)]);
+  if (layout == 0) {
+    return float(x[i]);
+  } else if (layout > 0) {
+    return float(x[i % layout]);
   }
+  return float(x[fusion_offset(i, shape, strides, ndim)]);
 }

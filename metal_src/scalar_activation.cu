@@ -9,7 +9,7 @@ if (base >= n) {
 const float scale = p[0];
 const float shift = p[1];
 float v[WPT];
-fusion_load<false, WPT>(v, x, base, n, 0, x_shape, x_shape, x_ndim);
+fusion_load<WPT>(v, x, base, n, 0, x_shape, x_shape, x_ndim);
 #pragma unroll
 for (int k = 0; k < WPT; k++) {
   v[k] = fusion_activation<ACT>(v[k] * scale + shift);

@@ -9,8 +9,8 @@ if (base >= n) {
 const float scale = p[0];
 const float shift = p[1];
 float v[WPT], d[WPT];
-fusion_load<false, WPT>(v, x, base, n, 0, x_shape, x_shape, x_ndim);
-fusion_load<false, WPT>(d, g, base, n, 0, x_shape, x_shape, x_ndim);
+fusion_load<WPT>(v, x, base, n, 0, x_shape, x_shape, x_ndim);
+fusion_load<WPT>(d, g, base, n, 0, x_shape, x_shape, x_ndim);
 #pragma unroll
 for (int k = 0; k < WPT; k++) {
   d[k] = d[k] * fusion_activation_grad<ACT>(v[k] * scale + shift) * scale;

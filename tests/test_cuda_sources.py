@@ -17,11 +17,8 @@ DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 def _template_space(name):
     """Template values the ops pass for each kernel (see mlx_fusion/ops)."""
     if name.startswith("binary_activation"):
-        full = [((op, act), (False, False)) for op in range(4) for act in range(4)]
-        bcast = [((op, 0), flags) for op in range(4) for flags in ((True, False), (False, True))]
-        for dt in DTYPES:
-            for (op, act), (sa, sb) in full + bcast:
-                yield [("T", dt), ("OP", op), ("ACT", act), ("SA", sa), ("SB", sb)]
+        for dt, op, act in itertools.product(DTYPES, range(4), range(4)):
+            yield [("T", dt), ("OP", op), ("ACT", act)]
     else:
         for dt, act in itertools.product(DTYPES, range(4)):
             yield [("T", dt), ("ACT", act)]

@@ -67,9 +67,9 @@ def _mlx_generated_source(capfd, name, spec, source, header, inputs, out_dtypes,
 
 RENDER_CASES = [
     # kernel, input shapes (None = 0-d), template
-    ("binary_activation", [(16, 3), (1,)], [("T", mx.bfloat16), ("OP", 3), ("ACT", 1), ("SA", False), ("SB", True)]),
-    ("binary_activation", [(), (7,)], [("T", mx.float16), ("OP", 0), ("ACT", 0), ("SA", True), ("SB", False)]),
-    ("binary_activation_backward", [(8,), (8,), (2, 4)], [("T", mx.float32), ("OP", 2), ("ACT", 3), ("SA", False), ("SB", False)]),
+    ("binary_activation", [(16, 3), (1,)], [("T", mx.bfloat16), ("OP", 3), ("ACT", 1)]),
+    ("binary_activation", [(), (7,)], [("T", mx.float16), ("OP", 0), ("ACT", 0)]),
+    ("binary_activation_backward", [(8,), (8,), (2, 4)], [("T", mx.float32), ("OP", 2), ("ACT", 3)]),
     ("scalar_activation", [(64,), (2,)], [("T", mx.float16), ("ACT", 2)]),
     ("scalar_activation_backward", [(64,), (2,), (64,)], []),
 ]
@@ -110,22 +110,23 @@ def test_render_attributes_and_quirks_match_mlx(capfd):
 
 
 def _template_space(name):
-    """Template values mlx_fusion/ops pass (elementwise.py, linear.py)."""
+    """(template, one-element operands) pairs that mlx_fusion/ops produce
+    (elementwise.py, linear.py). A one-element operand changes the generated
+    signature (MLX passes inputs under 8 elements in the `constant` address
+    space), so each pattern is compiled too."""
     if name.startswith("binary_activation"):
-        # SA/SB: that operand is one element; both at once never happens (the output would be it).
-        for dt, op, act, (sa, sb) in itertools.product(DTYPES, range(4), range(4),
-                                                       ((False, False), (True, False), (False, True))):
-            yield [("T", dt), ("OP", op), ("ACT", act), ("SA", sa), ("SB", sb)]
+        for dt, op, act, scalars in itertools.product(DTYPES, range(4), range(4), ((), ("a",), ("b",))):
+            yield [("T", dt), ("OP", op), ("ACT", act)], scalars
     else:
         for dt, act in itertools.product(DTYPES, range(4)):
-            yield [("T", dt), ("ACT", act)]
+            yield [("T", dt), ("ACT", act)], ()
 
 
-def _metas(spec, template):
+def _metas(spec, template, scalars=()):
     """Inputs as the ops pass them: p is float32 (2,), a one-element operand (1,), others large."""
     t = dict(template)
     return [InputMeta(mx.float32 if n == "p" else t["T"],
-                      (2,) if n == "p" else (1,) if t.get("S" + n.upper()) else (4096,))
+                      (2,) if n == "p" else (1,) if n in scalars else (4096,))
             for n in spec.input_names]
 
 
@@ -136,8 +137,8 @@ def test_metal_kernel_compiles(name):
     spec = KERNEL_SPECS[name]
     header, body = kernel_source(name, "metal")
     rendered = [render(f"mlx_fusion_{name}", spec.input_names, spec.output_names, body, header,
-                       _metas(spec, t), [t[0][1]] * len(spec.output_names), t)
-                for t in _template_space(name)]
+                       _metas(spec, t, scalars), [t[0][1]] * len(spec.output_names), t)
+                for t, scalars in _template_space(name)]
     assert len({r.kernel_name for r in rendered}) == len(rendered)
     compile_sources(rendered, name)
 
@@ -263,7 +264,7 @@ def test_binary_kernel_strided_numpy_views():
         for (la, a), (lb, b) in itertools.product(a_layouts.items(), b_layouts.items()):
             out = k.run_numpy([a, b], [dt, dt], [(9, 13)], [dt], grid=(-(-117 // (16 // dt.size)), 1, 1),
                               threadgroup=(8, 1, 1),
-                              template=[("T", dt), ("OP", 1), ("ACT", 3), ("SA", False), ("SB", False)])[0]
+                              template=[("T", dt), ("OP", 1), ("ACT", 3)])[0]
             want = binary_reference(_from_bits(a, dt), _from_bits(b, dt), "sub", "silu")
             _close(_from_bits(out, dt), want, dt)
 

@@ -51,14 +51,14 @@ def scalar_reference(x, scale=1.0, shift=0.0, activation="relu") -> mx.array:
 
 # --- act(a op b) ---------------------------------------------------------------
 
-def _operand(x: mx.array, work_shape) -> tuple:
-    """(array to pass, is_scalar): a one-element operand is read once by the
+def _operand(x: mx.array, work_shape) -> mx.array:
+    """A one-element operand is passed as shape (1,) and read once by the
     kernel; any other is broadcast to the output shape as a stride-0 view."""
     if x.size == 1 and x.size != _prod(work_shape):
-        return x.reshape(1), True
+        return x.reshape(1)
     if tuple(x.shape) != tuple(work_shape):
-        return mx.broadcast_to(x, work_shape), False
-    return x, False
+        return mx.broadcast_to(x, work_shape)
+    return x
 
 
 def _prod(shape) -> int:
@@ -71,7 +71,7 @@ def _prod(shape) -> int:
 def launch_binary(op: BinaryOp, act: Activation, a: mx.array, b: mx.array, out_shape) -> mx.array:
     """Run the binary_activation kernel; a and b share the output dtype."""
     work = tuple(out_shape) or (1,)
-    (ak, sa), (bk, sb) = _operand(a, work), _operand(b, work)
+    ak, bk = _operand(a, work), _operand(b, work)
     grid, group = grid_for(_prod(work), a.dtype)
     out = kernels.get_kernel("binary_activation")(
         inputs=[ak, bk],
@@ -79,7 +79,7 @@ def launch_binary(op: BinaryOp, act: Activation, a: mx.array, b: mx.array, out_s
         output_dtypes=[a.dtype],
         grid=grid,
         threadgroup=group,
-        template=[("T", a.dtype), ("OP", op.code), ("ACT", act.code), ("SA", sa), ("SB", sb)],
+        template=[("T", a.dtype), ("OP", op.code), ("ACT", act.code)],
     )[0]
     return out.reshape(out_shape) if work != tuple(out_shape) else out
 
@@ -87,7 +87,7 @@ def launch_binary(op: BinaryOp, act: Activation, a: mx.array, b: mx.array, out_s
 def launch_binary_backward(op: BinaryOp, act: Activation, a, b, g, out_shape):
     """Full-shape (da, db) of act(a op b) for cotangent g, in one kernel."""
     work = tuple(out_shape) or (1,)
-    (ak, sa), (bk, sb) = _operand(a, work), _operand(b, work)
+    ak, bk = _operand(a, work), _operand(b, work)
     gk = flat1d(g.astype(a.dtype) if g.dtype != a.dtype else g)
     if tuple(gk.shape) != work:
         gk = mx.broadcast_to(gk, work)
@@ -99,7 +99,7 @@ def launch_binary_backward(op: BinaryOp, act: Activation, a, b, g, out_shape):
         output_dtypes=[a.dtype, a.dtype],
         grid=grid,
         threadgroup=group,
-        template=[("T", a.dtype), ("OP", op.code), ("ACT", act.code), ("SA", sa), ("SB", sb)],
+        template=[("T", a.dtype), ("OP", op.code), ("ACT", act.code)],
     )
     if work != tuple(out_shape):
         da, db = da.reshape(out_shape), (db.reshape(out_shape) if two else db)
