@@ -5,7 +5,8 @@
 //
 // All arithmetic is done in float32 and rounded once on store.
 
-#include <cstdint>
+// No #include here: NVRTC has no <cstdint>; MLX's device headers (included
+// before this header) already define int64_t.
 
 #define FUSION_RELU 0
 #define FUSION_GELU 1
@@ -124,7 +125,7 @@ struct alignas(16) FusionPack {
 
 template <typename T>
 __device__ __forceinline__ bool fusion_aligned(const T* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+  return (reinterpret_cast<unsigned long long>(p) & 15) == 0;
 }
 
 // Layout of an operand of an n-element output; a one-element operand is a row

@@ -12,6 +12,8 @@ Used by benchmarks/ops.py, the `mlx-fusion bench` command and the tracker.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import platform
 import statistics
 import time
@@ -24,12 +26,20 @@ from .ops.registry import FUSED_OPS, OpCase
 
 __all__ = [
     "BenchResult",
+    "BenchmarkResult",
     "device_description",
+    "device_kind",
+    "device_id",
     "time_call",
     "copy_bandwidth",
     "bench_case",
     "default_shapes",
+    "default_timing",
+    "bench_plan",
     "run_ops_benchmark",
+    "select_ops",
+    "parse_dtypes",
+    "parse_sizes",
 ]
 
 
@@ -57,6 +67,17 @@ class BenchResult:
         return self.compiled_us / self.fused_us
 
     @property
+    def unfused_us(self) -> float:
+        """What the unfused graph would really cost: fuse() replays under mx.compile by
+        default, so the baseline is the better of eager and mx.compile."""
+        return min(self.eager_us, self.compiled_us)
+
+    @property
+    def speedup(self) -> float:
+        """Fused vs the best unfused variant; below 1.0 the fusion does not pay."""
+        return self.unfused_us / self.fused_us
+
+    @property
     def fused_gbps(self) -> float:
         return self.bytes_moved / (self.fused_us * 1e-6) / 1e9
 
@@ -75,6 +96,8 @@ class BenchResult:
         d.update(
             speedup_vs_eager=self.speedup_vs_eager,
             speedup_vs_compiled=self.speedup_vs_compiled,
+            unfused_us=self.unfused_us,
+            speedup=self.speedup,
             fused_gbps=self.fused_gbps,
             pct_of_copy=self.pct_of_copy,
             fused_tflops=self.fused_tflops,
@@ -82,18 +105,51 @@ class BenchResult:
         return d
 
 
-def device_description() -> str:
-    """e.g. "gpu (cuda)", "gpu (metal: Apple M2)", "cpu (x86_64)"."""
+# BenchResult is what the tracker's `benchmark_pattern` returns; the issue calls it this.
+BenchmarkResult = BenchResult
+
+
+def device_kind() -> str:
+    """"metal", "cuda" or "cpu": where MLX's default device runs (as the optimizer names it)."""
+    from .config import current_device_kind
+
+    return current_device_kind()
+
+
+def _device_name() -> str:
+    return _device_name_of(str(mx.default_device()))
+
+
+@functools.lru_cache(maxsize=None)  # the tracker asks once per fusion candidate
+def _device_name_of(_device: str) -> str:
     dev = mx.default_device()
-    if dev.type == mx.DeviceType.gpu:
+    try:
+        info = mx.device_info(dev)
+    except Exception:  # older MLX takes no argument (and reports the GPU); not every backend has it
         try:
-            info = mx.device_info()
-            name = info.get("device_name") or info.get("architecture") or ""
-        except Exception:  # device_info is not on every backend
-            name = ""
-        backend = "metal" if mx.metal.is_available() else ("cuda" if mx.cuda.is_available() else "gpu")
-        return f"gpu ({backend}{': ' + str(name) if name else ''})"
-    return f"cpu ({platform.machine()})"
+            info = mx.device_info() if dev.type == mx.DeviceType.gpu else {}
+        except Exception:
+            info = {}
+    name = info.get("device_name") or info.get("architecture") or ""
+    return str(name) or (platform.processor() or platform.machine() if dev.type == mx.DeviceType.cpu else "")
+
+
+def device_description() -> str:
+    """e.g. "gpu (cuda: NVIDIA H100 80GB HBM3)", "gpu (metal: Apple M2)", "cpu (x86_64: Intel Xeon)"."""
+    name = _device_name()
+    if mx.default_device().type == mx.DeviceType.gpu:
+        return f"gpu ({device_kind()}{': ' + name if name else ''})"
+    return f"cpu ({platform.machine()}{': ' + name if name and name != platform.machine() else ''})"
+
+
+def device_id(kind: Optional[str] = None) -> str:
+    """The key measurements are stored under: "<kind>:<device name>", e.g. "cuda:NVIDIA H100".
+    For a `kind` other than the current device's, just the kind (its name is unknown here)."""
+    current = device_kind()
+    if kind is not None and kind != current:
+        return kind
+    name = _device_name()
+    return f"{current}:{name}" if name else current
 
 
 def time_call(fn: Callable, args: Sequence, calls_per_eval: int = 10, repeats: int = 15,
@@ -111,6 +167,16 @@ def time_call(fn: Callable, args: Sequence, calls_per_eval: int = 10, repeats: i
         if min_time_s and time.perf_counter() - start > min_time_s and len(times) >= 3:
             break
     return statistics.median(times)
+
+
+def default_timing(quick: bool = False) -> dict:
+    """`time_call` settings: a GPU needs several calls per eval to hide the sync; a CPU is
+    synchronous, so fewer calls and a time budget per measurement keep runs short."""
+    gpu = mx.default_device().type == mx.DeviceType.gpu
+    if gpu:
+        return dict(calls_per_eval=10, repeats=7 if quick else 15, min_time_s=0.5 if quick else 0.0)
+    return dict(calls_per_eval=2 if quick else 3, repeats=5, warmup=1 if quick else 2,
+                min_time_s=0.05 if quick else 0.5)
 
 
 def copy_bandwidth(n: int, dtype=mx.float32, **timing) -> float:
@@ -158,17 +224,44 @@ def bench_case(case: OpCase, shape: Tuple[int, ...], dtype=mx.float32, backward:
     return res
 
 
+def elementwise_shape(size: int) -> Tuple[int, int]:
+    """`size` elements as rows of 4096 (what a hidden dimension looks like)."""
+    return (max(1, size // 4096), min(size, 4096))
+
+
 def default_shapes(kind: str, gpu: bool, quick: bool = False) -> List[Tuple[int, ...]]:
     """Elementwise sizes 64K..64M elements (2-D, rows of 4096); linear at decode
     and large shapes (M, K, N)."""
     if kind == "linear":
         if quick:
-            return [(1, 1024, 1024), (256, 1024, 1024)]
+            # A CPU GEMM at 256x1024x1024 takes ~0.1 s a call: too slow for a quick run.
+            return [(1, 1024, 1024), (256, 1024, 1024)] if gpu else [(1, 512, 512), (64, 512, 512)]
         if gpu:
             return [(1, 4096, 4096), (32, 4096, 4096), (4096, 4096, 4096), (8192, 4096, 11008)]
         return [(1, 2048, 2048), (32, 2048, 2048), (512, 2048, 2048)]
     sizes = [2**16, 2**20] if quick else ([2**16, 2**20, 2**24, 2**26] if gpu else [2**16, 2**20, 2**22])
-    return [(max(1, s // 4096), min(s, 4096)) for s in sizes]
+    return [elementwise_shape(s) for s in sizes]
+
+
+def _copy_size(kind: str, shape: Tuple[int, ...]) -> int:
+    """Elements of the largest operand: the copy that bounds this op's memory traffic."""
+    if kind == "linear":
+        m, k, n = shape
+        return max(m * k, k * n, m * n)
+    size = 1
+    for d in shape:
+        size *= d
+    return size
+
+
+def bench_plan(ops: Optional[Iterable[OpCase]] = None, dtypes: Sequence = (mx.float32, mx.bfloat16),
+               shapes: Optional[Dict[str, List[Tuple[int, ...]]]] = None,
+               quick: bool = False) -> List[Tuple[OpCase, Tuple[int, ...], object]]:
+    """The (case, shape, dtype) configurations `run_ops_benchmark` times, in order."""
+    gpu = mx.default_device().type == mx.DeviceType.gpu
+    ops = list(ops if ops is not None else FUSED_OPS)
+    return [(case, shape, dtype) for dtype in dtypes for case in ops
+            for shape in (shapes or {}).get(case.kind) or default_shapes(case.kind, gpu, quick)]
 
 
 def run_ops_benchmark(
@@ -178,24 +271,90 @@ def run_ops_benchmark(
     backward: bool = False,
     quick: bool = False,
     progress: Optional[Callable[[str], None]] = None,
+    on_result: Optional[Callable[[BenchResult], None]] = None,
     **timing,
 ) -> List[BenchResult]:
-    """Benchmark every op case × dtype × shape on the default device."""
-    gpu = mx.default_device().type == mx.DeviceType.gpu
-    ops = list(ops if ops is not None else FUSED_OPS)
-    if not timing:
-        timing = dict(calls_per_eval=10 if gpu else 3, repeats=15 if gpu else 5)
+    """Benchmark every op case x dtype x shape on the default device.
+
+    Args:
+        shapes (dict, optional): kind -> shapes; kinds left out use `default_shapes`.
+        progress (callable, optional): called with a label before each configuration.
+        on_result (callable, optional): called with each result as soon as it is measured.
+        **timing: `time_call` settings; default `default_timing(quick)`.
+    """
+    timing = timing or default_timing(quick)
     results = []
     copy_cache: Dict[tuple, float] = {}
-    for dtype in dtypes:
-        for case in ops:
-            for shape in (shapes or {}).get(case.kind) or default_shapes(case.kind, gpu, quick):
-                n = shape[0] * shape[1] if case.kind != "linear" else shape[0] * shape[2]
-                key = (n, dtype)
-                if key not in copy_cache:
-                    copy_cache[key] = copy_bandwidth(n, dtype, **timing)
-                if progress:
-                    progress(f"{case.name} {shape} {dtype}")
-                for bwd in ((False, True) if backward else (False,)):
-                    results.append(bench_case(case, shape, dtype, backward=bwd, copy_gbps=copy_cache[key], **timing))
+    for case, shape, dtype in bench_plan(ops, dtypes, shapes, quick):
+        key = (_copy_size(case.kind, shape), dtype)
+        if key not in copy_cache:
+            copy_cache[key] = copy_bandwidth(key[0], dtype, **timing)
+        if progress:
+            progress(f"{case.name} {shape} {str(dtype).replace('mlx.core.', '')}")
+        for bwd in ((False, True) if backward else (False,)):
+            res = bench_case(case, shape, dtype, backward=bwd, copy_gbps=copy_cache[key], **timing)
+            results.append(res)
+            if on_result:
+                on_result(res)
     return results
+
+
+# -- command-line selections (mlx-fusion bench, benchmarks/ops.py) ---------------------------
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def parse_dtypes(text: str, quick: bool = False) -> list:
+    """"float32,bfloat16" -> dtypes; empty: float32 and bfloat16 (float32 only if `quick`,
+    since bfloat16 is emulated and slow on a CPU). Raises ValueError naming the option."""
+    names = [d.strip() for d in text.split(",") if d.strip()] or (["float32"] if quick else ["float32", "bfloat16"])
+    bad = [d for d in names if d not in DTYPES]
+    if bad:
+        raise ValueError(f"--dtypes: unknown {', '.join(bad)}; choose from {', '.join(DTYPES)}")
+    return [DTYPES[d] for d in names]
+
+
+def select_ops(text: str) -> list:
+    """Registry cases named by comma-separated names, globs ("mul+*") or kinds ("linear");
+    empty: all. Raises ValueError if an entry matches nothing."""
+    wanted = [w.strip() for w in text.split(",") if w.strip()]
+    if not wanted:
+        return list(FUSED_OPS)
+    chosen, unmatched = [], []
+    for w in wanted:
+        hits = [c for c in FUSED_OPS if c.kind == w or fnmatch.fnmatchcase(c.name, w)]
+        if not hits:
+            unmatched.append(w)
+        chosen += [c for c in hits if c not in chosen]
+    if unmatched:
+        raise ValueError(f"--ops: nothing matches {', '.join(unmatched)}; ops are "
+                         f"{', '.join(c.name for c in FUSED_OPS)} (kinds: binary, scalar, linear)")
+    return chosen
+
+
+def _parse_count(text: str) -> int:
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    n = int(text[:-1] if mult > 1 else text) * mult
+    if n < 1:
+        raise ValueError
+    return n
+
+
+def parse_sizes(text: str) -> dict:
+    """"4096,64K,1x512x512" -> {kind: shapes} for `run_ops_benchmark`: counts are elementwise
+    sizes (rows of 4096), MxKxN are linear shapes; kinds given no size keep their defaults."""
+    shapes: dict = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            if "x" in item.lower():
+                dims = tuple(_parse_count(d) for d in item.lower().split("x"))
+                if len(dims) != 3:
+                    raise ValueError
+                shapes.setdefault("linear", []).append(dims)
+            else:
+                shape = elementwise_shape(_parse_count(item))
+                shapes.setdefault("binary", []).append(shape)
+                shapes.setdefault("scalar", []).append(shape)
+        except ValueError:
+            raise ValueError(f"--sizes: bad size {item!r}; use element counts (4096, 64K, 1M) "
+                             "or MxKxN for linear ops") from None
+    return shapes

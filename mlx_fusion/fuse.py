@@ -69,26 +69,29 @@ class _FusionState:
 
         return get_config()
 
-    def entry(self, key, make_graph: Callable[[], Graph], cfg) -> _Entry:
+    def entry(self, key, make_graph: Callable[[], Graph], cfg, params=(), training=False) -> _Entry:
         entry = self.cache.get(key)
         if entry is None:
-            entry = self.cache[key] = self._build(make_graph, cfg)
+            entry = self.cache[key] = self._build(make_graph, cfg, params, training)
         return entry
 
-    def _build(self, make_graph, cfg) -> _Entry:
+    def _build(self, make_graph, cfg, params=(), training=False) -> _Entry:
         from .graph.optimizer import FusionOptimizer
 
         try:
             graph = make_graph()
         except TraceError as e:
             return self.fall_back(f"could not trace: {e.reason}")
+        # Neural Engine offload runs first, on the plain trace (docs/neural-engine.md).
+        offloaded = _offload(graph, cfg, params, training) if cfg.neural_engine else 0
         try:
             stats = FusionOptimizer(cfg).optimize(graph)
             graph.lint()
         except Exception as e:  # a bug in a rewrite must not break the user's model
             return self.fall_back(f"fusion pass failed: {type(e).__name__}: {e}")
         try:
-            replay = plan(graph, compile=self.compile)
+            # Core ML blocks read their inputs as NumPy, which mx.compile forbids.
+            replay = plan(graph, compile=self.compile and not offloaded)
         except UnsupportedPrimitive as e:
             return self.fall_back(str(e))
         self.graphs.append(graph)
@@ -117,6 +120,21 @@ class _FusionState:
     def summary(self) -> dict:
         return {"name": self.name, "traces": len(self.graphs), **self.stats.as_dict(),
                 "fallbacks": dict(self.fallbacks)}
+
+
+def _offload(graph: Graph, cfg, params, training: bool) -> int:
+    """Run the Core ML offload pass; returns the number of blocks offloaded."""
+    from .coreml.runtime import CoreMLTrainingError, offload_graph
+
+    names = [v.name for v in graph.inputs[: graph.meta.get("num_params", 0)]]
+    try:
+        return offload_graph(graph, cfg, param_values=dict(zip(names, params)), training=training).count
+    except CoreMLTrainingError:
+        raise
+    except Exception as e:  # offload is an optimization: a failure leaves the graph to MLX
+        warnings.warn(f"mlx_fusion: Neural Engine offload failed, running on MLX: {type(e).__name__}: {e}",
+                      FusionFallbackWarning, stacklevel=5)
+        return 0
 
 
 def _signature(leaves: List[mx.array]) -> tuple:
@@ -235,7 +253,7 @@ class _FusedModule:
         leaves, structure = _flatten_call(args, kwargs)
         key = (cfg, flags, reader.types, reader.paths, structure, _signature(params + leaves))
         forward = super(_FusedModule, type(self)).__call__
-        entry = state.entry(key, lambda: trace_module(self, forward, *args, **kwargs), cfg)
+        entry = state.entry(key, lambda: trace_module(self, forward, *args, **kwargs), cfg, params, any(flags))
         if entry.fallback is None:
             out = state.run(entry, params + leaves)
             if entry.fallback is None:

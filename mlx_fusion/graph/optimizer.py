@@ -103,7 +103,9 @@ class FusionOptimizer:
         config (FusionConfig, optional): default: `get_config()` at each call, so
             `fusion_config(...)` blocks apply.
         tracker (optional): has `lookup(pattern, dtype, size, device) -> Optional[float]`, a
-            measured speedup; opportunities measured below 1.0 are skipped.
+            measured speedup; opportunities measured below 1.0 are skipped. Default (``None``):
+            `mlx_fusion.tracker.default_tracker()`, the user's measurement cache; ``False``:
+            the model only.
         rules (RuleSet, optional): default `rules.RULES`.
         cost (CostModel, optional): the model used when nothing is measured.
         device (str, optional): "metal" / "cuda" / "cpu"; default: MLX's current device.
@@ -128,10 +130,11 @@ class FusionOptimizer:
         if not config.enabled or not config.device_allowed(device):
             return []
         ctx = MatchContext(graph, config)
+        tracker = self._active_tracker()
         found = []
         for node in graph.nodes:
             for m in self.rules.matches(ctx, node):
-                opp = self._price(ctx, m, device)
+                opp = self._price(ctx, m, device, tracker)
                 if opp is not None:
                     found.append(opp)
         # Greedy by benefit; the stable sort leaves ties to graph order, then to the rule
@@ -144,7 +147,14 @@ class FusionOptimizer:
                 chosen.append(opp)
         return chosen
 
-    def _price(self, ctx: MatchContext, m: Match, device: str) -> Optional[FusionOpportunity]:
+    def _active_tracker(self):
+        if self.tracker is None:
+            from ..tracker import default_tracker  # lazy: it pulls in the benchmark code
+
+            return default_tracker()
+        return None if self.tracker is False else self.tracker  # False: model only
+
+    def _price(self, ctx: MatchContext, m: Match, device: str, tracker=None) -> Optional[FusionOpportunity]:
         producer = ctx.producer
 
         def source_of(v: Value) -> Value:  # a broadcast reads its (small) source
@@ -157,8 +167,8 @@ class FusionOptimizer:
         fused = self.cost.kernel(m.inputs, m.output, gemm)
         saved = sum(v.nbytes for n in m.nodes[:-1] if n.op not in VIEW_OPS for v in n.outputs)
         speedup, source = unfused / fused, "model"
-        if self.tracker is not None:
-            measured = self.tracker.lookup(m.pattern, m.output.dtype, m.size, device)
+        if tracker is not None:
+            measured = tracker.lookup(m.pattern, m.output.dtype, m.size, device)
             if measured is not None:
                 if measured < 1.0:
                     return None  # measured slower than unfused: leave it alone

@@ -5,7 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda/std/array>
-#include <cstdint>
+#include <cuda/std/cstdint>
+using cuda::std::int64_t;
 
 #define MAX_NDIM 10
 namespace mlx::core::cu {

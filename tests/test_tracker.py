@@ -1,0 +1,226 @@
+"""The performance tracker: cache file round trips, robustness, concurrency, and the
+optimizer deciding from measurements. No timing assertions: speed lives in benchmarks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlx_fusion.benchmark import BenchResult, device_id
+from mlx_fusion.config import FusionConfig
+from mlx_fusion.graph.optimizer import FusionOptimizer
+from mlx_fusion.patterns import Activation, BinaryActivation, BinaryOp, LinearLayer, ScalarActivation, ScalarOp
+from mlx_fusion.tracker import (CACHE_FORMAT, CACHE_SCHEMA, PerformanceTracker, TrackerCacheWarning,
+                                default_cache_path, default_tracker, reset_default_tracker, size_bucket)
+from tests._graphs import trace_graph
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = device_id("cpu")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Every test gets its own cache directory: nothing reads or writes the real home cache."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("MLX_FUSION_CACHE", str(cache))
+    reset_default_tracker()
+    yield cache
+    reset_default_tracker()
+
+
+def fake_result(op="add+relu", shape=(16, 4096), dtype="float32", eager=10.0, compiled=8.0, fused=4.0,
+                pass_="fwd"):
+    return BenchResult(op=op, kind="binary", pass_=pass_, shape=shape, dtype=dtype, eager_us=eager,
+                       compiled_us=compiled, fused_us=fused, bytes_moved=3 * 4 * 16 * 4096)
+
+
+ADD_RELU = BinaryActivation(BinaryOp.ADD, Activation.RELU)
+
+
+# -- the cache file ------------------------------------------------------------------------------
+def test_round_trip(private_cache):
+    t = PerformanceTracker()
+    assert t.path.parent == private_cache and t.path.name == f"performance-mlx-{mx.__version__}.json"
+    t.record(fake_result(), device=CPU)
+    t.record(fake_result(pass_="fwd+bwd"), device=CPU)  # not a forward measurement: not kept
+    assert t.save()
+    data = json.loads(t.path.read_text())
+    assert (data["format"], data["schema"], data["mlx_version"]) == (CACHE_FORMAT, CACHE_SCHEMA, mx.__version__)
+    assert len(data["entries"]) == 1
+
+    again = PerformanceTracker()
+    # Fused vs the *better* unfused variant (mx.compile, 8 us), not eager (10 us).
+    assert again.lookup(ADD_RELU, mx.float32, 16 * 4096, "cpu") == pytest.approx(2.0)
+    (entry,) = again.entries.values()
+    assert entry["speedup_vs_eager"] == pytest.approx(2.5) and entry["speedup_vs_compiled"] == pytest.approx(2.0)
+    assert again.lookup(ADD_RELU, mx.bfloat16, 16 * 4096, "cpu") is None  # other dtype
+    assert again.lookup(BinaryActivation(BinaryOp.ADD, Activation.GELU), mx.float32, 16 * 4096, "cpu") is None
+    assert again.lookup(ADD_RELU, mx.float32, 16 * 4096, "metal") is None
+    # A neighbouring size bucket (x4) borrows the measurement; two buckets away does not.
+    assert again.lookup(ADD_RELU, mx.float32, 16 * 4096 * 4, "cpu") == pytest.approx(2.0)
+    assert again.lookup(ADD_RELU, mx.float32, 16 * 4096 * 16, "cpu") is None
+
+
+def test_size_buckets_are_powers_of_four():
+    assert [size_bucket(n) for n in (0, 1, 4, 16, 4096, 5000, 1 << 20)] == [0, 0, 1, 2, 6, 6, 10]
+    assert size_bucket(3 * 4096) == size_bucket(4096 * 4)
+
+
+def test_corrupt_file_warns_and_is_empty(private_cache):
+    t = PerformanceTracker()
+    t.path.write_text("{ not json")
+    with pytest.warns(TrackerCacheWarning, match="corrupt"):
+        assert t.lookup(ADD_RELU, mx.float32, 4096, "cpu") is None
+    t.record(fake_result(), device=CPU)  # the next save replaces the broken file
+    with pytest.warns(TrackerCacheWarning):
+        assert t.save()
+    assert PerformanceTracker().lookup(ADD_RELU, mx.float32, 16 * 4096, "cpu") == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("content", ['[1, 2]', '{"format": "something-else", "entries": {}}',
+                                     '{"format": "%s", "schema": 1, "mlx_version": "x", "entries": [1]}'
+                                     % CACHE_FORMAT])
+def test_wrong_shapes_of_json_warn(private_cache, content):
+    t = PerformanceTracker()
+    t.path.write_text(content)
+    with pytest.warns(TrackerCacheWarning):
+        assert len(t) == 0
+
+
+def test_foreign_mlx_version_is_ignored(private_cache):
+    t = PerformanceTracker()
+    key = f"{CPU}|add+relu|float32|{size_bucket(16 * 4096)}"
+    t.path.write_text(json.dumps({"format": CACHE_FORMAT, "schema": CACHE_SCHEMA, "mlx_version": "0.1.0",
+                                  "entries": {key: {"speedup": 0.1}}}))
+    with pytest.warns(TrackerCacheWarning, match="0.1.0"):
+        assert t.lookup(ADD_RELU, mx.float32, 16 * 4096, "cpu") is None
+
+
+def test_unwritable_cache_warns_instead_of_failing(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    t = PerformanceTracker(blocker / "sub" / "perf.json")  # parent is a file: mkdir fails
+    t.record(fake_result(), device=CPU)
+    with pytest.warns(TrackerCacheWarning, match="cannot write"):
+        assert t.save() is False
+    assert t.lookup(ADD_RELU, mx.float32, 16 * 4096, "cpu") == pytest.approx(2.0)  # still in memory
+
+
+_WRITER = """
+import sys
+from mlx_fusion.benchmark import BenchResult
+from mlx_fusion.tracker import PerformanceTracker
+tag, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):  # one save per entry: many chances to interleave with the other writer
+    t = PerformanceTracker(autosave=False)
+    t.record(BenchResult(op="add+relu", kind="binary", pass_="fwd", shape=(1, 4 ** (i + 1)), dtype="float32",
+                         eager_us=1.0, compiled_us=1.0, fused_us=0.5, bytes_moved=1), device="dev-" + tag)
+    assert t.save()
+"""
+
+
+def test_concurrent_writers_keep_every_entry(private_cache):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    n = 30
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, tag, str(n)], env=env, cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    entries = PerformanceTracker().entries
+    assert len(entries) == 2 * n
+    assert {k.split("|")[0] for k in entries} == {"dev-a", "dev-b"}
+    assert not [f for f in private_cache.iterdir() if f.suffix == ".tmp"]  # no temp file left behind
+
+
+# -- where the cache lives ---------------------------------------------------------------------------
+def test_cache_path_env_and_xdg(tmp_path, monkeypatch):
+    target = tmp_path / "elsewhere" / "perf.json"
+    monkeypatch.setenv("MLX_FUSION_CACHE", str(target))
+    assert default_cache_path() == target and default_tracker().path == target
+    monkeypatch.delenv("MLX_FUSION_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expected_base = (tmp_path / "home" / "Library" / "Caches") if sys.platform == "darwin" else tmp_path / "xdg"
+    assert default_cache_path().parent == expected_base / "mlx-fusion"
+    assert default_tracker().path.parent == expected_base / "mlx-fusion"  # follows the environment
+
+
+def test_default_tracker_is_shared_and_lazy(private_cache):
+    t = default_tracker()
+    assert default_tracker() is t and t._entries is None  # nothing read before the first lookup
+    assert t.lookup(ADD_RELU, mx.float32, 4096, "cpu") is None
+
+
+# -- adaptive decisions --------------------------------------------------------------------------
+def two_fusions():
+    x = mx.ones((4, 256))
+    return trace_graph(lambda a, b: (nn.relu(a + b), nn.gelu(a * b)), x, x)
+
+
+def detect(tracker="default"):
+    opt = FusionOptimizer(FusionConfig(min_tensor_size=0), device="cpu",
+                          **({} if tracker == "default" else {"tracker": tracker}))
+    return {o.name: o for o in opt.detect_opportunities(two_fusions())}
+
+
+def test_without_measurements_the_model_decides():
+    found = detect()
+    assert set(found) == {"add+relu", "mul+gelu"}
+    assert {o.source for o in found.values()} == {"model"}
+
+
+def test_measured_slower_is_skipped_and_others_kept():
+    t = default_tracker()  # what FusionOptimizer(tracker=None) consults
+    t.record(fake_result(shape=(4, 256), eager=10.0, compiled=5.0, fused=6.0), device=CPU)  # fused loses to compile
+    assert t.save()
+    reset_default_tracker()  # as a new process would: read back from the file
+    found = detect()
+    assert set(found) == {"mul+gelu"} and found["mul+gelu"].source == "model"
+    assert set(detect(tracker=False)) == {"add+relu", "mul+gelu"}  # False: the model only
+
+
+def test_measured_faster_sets_speedup_and_source():
+    default_tracker().record(fake_result(op="mul+gelu", shape=(4, 256), eager=9.0, compiled=9.0, fused=3.0),
+                             device=CPU)
+    found = detect()
+    assert (found["mul+gelu"].source, found["mul+gelu"].estimated_speedup) == ("measured", pytest.approx(3.0))
+    assert found["add+relu"].source == "model"
+
+
+def test_scalar_mul_and_add_fall_back_to_the_affine_measurement():
+    t = default_tracker()
+    res = fake_result(op="affine+silu", shape=(1, 4096), eager=2.0, compiled=2.0, fused=4.0)
+    t.record(res, device=CPU)
+    for op in (ScalarOp.MUL, ScalarOp.ADD, ScalarOp.AFFINE):
+        assert t.lookup(ScalarActivation(op, Activation.SILU), mx.float32, 4096, "cpu") == pytest.approx(0.5)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+TINY = dict(calls_per_eval=1, repeats=3, warmup=1)
+
+
+@pytest.mark.parametrize("pattern,size", [
+    ("add+relu", 4096),
+    (ScalarActivation(ScalarOp.MUL, Activation.GELU), 4096),
+    (LinearLayer(True, Activation.RELU), (4, 32, 64)),
+])
+def test_benchmark_pattern_measures_records_and_saves(private_cache, pattern, size):
+    t = PerformanceTracker()
+    res = t.benchmark_pattern(pattern, size, mx.float32, **TINY)
+    assert min(res.eager_us, res.compiled_us, res.fused_us) > 0
+    assert res.speedup == pytest.approx(min(res.eager_us, res.compiled_us) / res.fused_us)
+    out_size = 4 * 64 if isinstance(size, tuple) else size
+    pat = ADD_RELU if pattern == "add+relu" else pattern
+    assert PerformanceTracker().lookup(pat, mx.float32, out_size, "cpu") == pytest.approx(res.speedup)
+
+
+def test_benchmark_pattern_rejects_unknown_patterns():
+    with pytest.raises(ValueError, match="no benchmark"):
+        PerformanceTracker().benchmark_pattern("pow+relu", 4096)
