@@ -41,11 +41,11 @@ def main(argv=None):
     print(f"device: {device_description()}  mlx {mx.__version__}", flush=True)
     results = run_ops_benchmark(ops, dtypes, backward=args.backward, quick=args.quick,
                                 progress=lambda s: print("  ..", s, file=sys.stderr, flush=True))
-    hdr = f"{'op':<22}{'pass':<8}{'shape':<20}{'dtype':<9}{'eager':>9}{'compile':>9}{'fused':>9}{'x eager':>8}{'x comp':>8}{'GB/s':>8}{'%copy':>7}{'TFLOP/s':>8}"
+    hdr = f"{'op':<22}{'pass':<8}{'shape':<20}{'dtype':<9}{'eager':>9}{'compile':>9}{'fused':>9}{'call':>9}{'x eager':>8}{'x comp':>8}{'GB/s':>8}{'%copy':>7}{'TFLOP/s':>8}"
     print(hdr)
     for r in results:
         print(f"{r.op:<22}{r.pass_:<8}{str(r.shape):<20}{r.dtype:<9}{r.eager_us:>9.1f}{r.compiled_us:>9.1f}"
-              f"{r.fused_us:>9.1f}{r.speedup_vs_eager:>8.2f}{r.speedup_vs_compiled:>8.2f}{r.fused_gbps:>8.1f}"
+              f"{r.fused_us:>9.1f}{r.extra.get('fused_call_us', float('nan')):>9.1f}{r.speedup_vs_eager:>8.2f}{r.speedup_vs_compiled:>8.2f}{r.fused_gbps:>8.1f}"
               f"{r.pct_of_copy:>7.1f}{r.fused_tflops:>8.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device_description(), "mlx": mx.__version__,

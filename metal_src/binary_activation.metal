@@ -1,9 +1,11 @@
 // out = act(a op b) over the broadcast output shape. Twin: binary_activation.cu.
-// Template: T (compute and output dtype), OP, ACT. An operand is either one
+// Template: T (compute and output dtype); m = (op, act). An operand is either one
 // element or broadcast to the output shape as a stride-0 view (never copied);
 // its layout is classified once per thread.
 // Each thread handles WPT consecutive elements (16 bytes of output).
 constexpr int WPT = 16 / sizeof(T);
+const int op = m[0];
+const int act = m[1];
 const int64_t n = metal::max(fusion_size(a_shape, a_ndim), fusion_size(b_shape, b_ndim));
 const int64_t base = int64_t(thread_position_in_grid.x) * WPT;
 const int64_t la = fusion_operand_layout(n, a_shape, a_strides, a_ndim);
@@ -15,5 +17,5 @@ for (int k = 0; k < WPT; k++) {
   }
   float x = fusion_load(a, i, la, a_shape, a_strides, a_ndim);
   float y = fusion_load(b, i, lb, b_shape, b_strides, b_ndim);
-  out[i] = T(fusion_activation<ACT>(fusion_binary<OP>(x, y)));
+  out[i] = T(fusion_activation(act, fusion_binary(op, x, y)));
 }

@@ -2,8 +2,10 @@
 // pre-activation instead of storing it, then the operand gradients of op at
 // full output shape (the caller sums them over broadcast dimensions).
 // add/sub write only dz, into da (db is a 1-element dummy); mul/div write da and db.
-// Twin: binary_activation_backward.cu. Template: T, OP, ACT.
+// Twin: binary_activation_backward.cu. Template: T; m = (op, act).
 constexpr int WPT = 16 / sizeof(T);
+const int op = m[0];
+const int act = m[1];
 const int64_t n = fusion_size(g_shape, g_ndim);
 const int64_t base = int64_t(thread_position_in_grid.x) * WPT;
 const int64_t la = fusion_operand_layout(n, a_shape, a_strides, a_ndim);
@@ -17,11 +19,11 @@ for (int k = 0; k < WPT; k++) {
   float x = fusion_load(a, i, la, a_shape, a_strides, a_ndim);
   float y = fusion_load(b, i, lb, b_shape, b_strides, b_ndim);
   float dz = fusion_load(g, i, lg, g_shape, g_strides, g_ndim) *
-      fusion_activation_grad<ACT>(fusion_binary<OP>(x, y));
-  if constexpr (OP == FUSION_MUL) {
+      fusion_activation_grad(act, fusion_binary(op, x, y));
+  if (op == FUSION_MUL) {
     da[i] = T(dz * y);
     db[i] = T(dz * x);
-  } else if constexpr (OP == FUSION_DIV) {
+  } else if (op == FUSION_DIV) {
     da[i] = T(dz / y);
     db[i] = T(-(dz * x) / (y * y));
   } else {

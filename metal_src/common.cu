@@ -8,6 +8,7 @@
 // No #include here: NVRTC has no <cstdint>; MLX's device headers (included
 // before this header) already define int64_t.
 
+// Op and activation codes arrive at run time (see common.metal for why).
 #define FUSION_RELU 0
 #define FUSION_GELU 1
 #define FUSION_GELU_APPROX 2
@@ -23,49 +24,53 @@ __device__ __forceinline__ float fusion_sigmoid(float x) {
   return (x < 0.0f) ? 1.0f - y : y;
 }
 
-template <int OP>
-__device__ __forceinline__ float fusion_binary(float a, float b) {
-  if constexpr (OP == FUSION_ADD) {
-    return a + b;
-  } else if constexpr (OP == FUSION_SUB) {
-    return a - b;
-  } else if constexpr (OP == FUSION_MUL) {
-    return a * b;
-  } else {
-    return a / b;
+__device__ __forceinline__ float fusion_binary(int op, float a, float b) {
+  switch (op) {
+    case FUSION_ADD:
+      return a + b;
+    case FUSION_SUB:
+      return a - b;
+    case FUSION_MUL:
+      return a * b;
+    default:
+      return a / b;
   }
 }
 
-template <int ACT>
-__device__ __forceinline__ float fusion_activation(float z) {
-  if constexpr (ACT == FUSION_RELU) {
-    return (z > 0.0f || isnan(z)) ? z : 0.0f;
-  } else if constexpr (ACT == FUSION_GELU) {
-    return z * (1.0f + erff(z * 0.70710678118654752f)) * 0.5f;
-  } else if constexpr (ACT == FUSION_GELU_APPROX) {
-    float u = 0.79788456080286536f * (z + 0.044715f * z * z * z);
-    return 0.5f * z * (1.0f + tanhf(u));
-  } else {
-    return z * fusion_sigmoid(z);
+__device__ __forceinline__ float fusion_activation(int act, float z) {
+  switch (act) {
+    case FUSION_RELU:
+      return (z > 0.0f || isnan(z)) ? z : 0.0f;
+    case FUSION_GELU:
+      return z * (1.0f + erff(z * 0.70710678118654752f)) * 0.5f;
+    case FUSION_GELU_APPROX: {
+      float u = 0.79788456080286536f * (z + 0.044715f * z * z * z);
+      return 0.5f * z * (1.0f + tanhf(u));
+    }
+    default:
+      return z * fusion_sigmoid(z);
   }
 }
 
-template <int ACT>
-__device__ __forceinline__ float fusion_activation_grad(float z) {
-  if constexpr (ACT == FUSION_RELU) {
-    return z > 0.0f ? 1.0f : 0.0f;
-  } else if constexpr (ACT == FUSION_GELU) {
-    float cdf = 0.5f * (1.0f + erff(z * 0.70710678118654752f));
-    float pdf = 0.39894228040143268f * expf(-0.5f * z * z);
-    return cdf + z * pdf;
-  } else if constexpr (ACT == FUSION_GELU_APPROX) {
-    float z2 = z * z;
-    float t = tanhf(0.79788456080286536f * (z + 0.044715f * z2 * z));
-    return 0.5f * (1.0f + t) +
-        0.5f * z * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.134145f * z2);
-  } else {
-    float s = fusion_sigmoid(z);
-    return s * (1.0f + z * (1.0f - s));
+__device__ __forceinline__ float fusion_activation_grad(int act, float z) {
+  switch (act) {
+    case FUSION_RELU:
+      return z > 0.0f ? 1.0f : 0.0f;
+    case FUSION_GELU: {
+      float cdf = 0.5f * (1.0f + erff(z * 0.70710678118654752f));
+      float pdf = 0.39894228040143268f * expf(-0.5f * z * z);
+      return cdf + z * pdf;
+    }
+    case FUSION_GELU_APPROX: {
+      float z2 = z * z;
+      float t = tanhf(0.79788456080286536f * (z + 0.044715f * z2 * z));
+      return 0.5f * (1.0f + t) +
+          0.5f * z * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.134145f * z2);
+    }
+    default: {
+      float s = fusion_sigmoid(z);
+      return s * (1.0f + z * (1.0f - s));
+    }
   }
 }
 
@@ -118,10 +123,6 @@ __device__ __forceinline__ float fusion_float(T x) {
   return static_cast<float>(x);
 }
 
-template <typename T, int W>
-struct alignas(16) FusionPack {
-  T v[W];
-};
 
 template <typename T>
 __device__ __forceinline__ bool fusion_aligned(const T* p) {
@@ -152,10 +153,13 @@ __device__ __forceinline__ void fusion_load(
     if (layout >= 0 && base + W <= n && (layout == 0 || layout % W == 0)) {
       const T* p = x + (layout == 0 ? base : base % layout);
       if (fusion_aligned(p)) {
-        FusionPack<T, W> pack = *reinterpret_cast<const FusionPack<T, W>*>(p);
+        // One 16-byte load as uint4: a struct of __half/__nv_bfloat16 (types
+        // with constructors) would be copied element by element.
+        uint4 raw = *reinterpret_cast<const uint4*>(p);
+        const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
         for (int k = 0; k < W; k++) {
-          dst[k] = fusion_float(pack.v[k]);
+          dst[k] = fusion_float(v[k]);
         }
         return;
       }
@@ -176,12 +180,13 @@ __device__ __forceinline__ void fusion_load(
 template <int W, typename T>
 __device__ __forceinline__ void fusion_store(T* out, int64_t base, int64_t n, const float* src) {
   if (base + W <= n && fusion_aligned(out + base)) {
-    FusionPack<T, W> pack;
+    uint4 raw;
+    T* v = reinterpret_cast<T*>(&raw);
 #pragma unroll
     for (int k = 0; k < W; k++) {
-      pack.v[k] = T(src[k]);
+      v[k] = T(src[k]);
     }
-    *reinterpret_cast<FusionPack<T, W>*>(out + base) = pack;
+    *reinterpret_cast<uint4*>(out + base) = raw;
   } else {
     for (int k = 0; k < W && base + k < n; k++) {
       out[base + k] = T(src[k]);

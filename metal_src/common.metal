@@ -7,13 +7,18 @@
 
 #include <metal_stdlib>
 
-// Activation codes (ACT template constant); must match patterns.Activation.code.
+// Op and activation codes arrive at run time in a small int32 array (m[0] =
+// op, m[1] = act; scalar kernels read act from p[2]): one kernel per dtype
+// instead of one per (op, activation, dtype) keeps the JIT work to a dozen
+// kernels, and the branch is uniform across the grid, so it costs next to
+// nothing in a memory-bound kernel.
+// Activation codes; must match patterns.Activation.code.
 #define FUSION_RELU 0
 #define FUSION_GELU 1
 #define FUSION_GELU_APPROX 2
 #define FUSION_SILU 3
 
-// Binary op codes (OP template constant); must match patterns.BinaryOp.code.
+// Binary op codes; must match patterns.BinaryOp.code.
 #define FUSION_ADD 0
 #define FUSION_SUB 1
 #define FUSION_MUL 2
@@ -55,53 +60,57 @@ inline float fusion_sigmoid(float x) {
   return (x < 0.0f) ? 1.0f - y : y;
 }
 
-template <int OP>
-inline float fusion_binary(float a, float b) {
-  if constexpr (OP == FUSION_ADD) {
-    return a + b;
-  } else if constexpr (OP == FUSION_SUB) {
-    return a - b;
-  } else if constexpr (OP == FUSION_MUL) {
-    return a * b;
-  } else {
-    return a / b;
+inline float fusion_binary(int op, float a, float b) {
+  switch (op) {
+    case FUSION_ADD:
+      return a + b;
+    case FUSION_SUB:
+      return a - b;
+    case FUSION_MUL:
+      return a * b;
+    default:
+      return a / b;
   }
 }
 
-template <int ACT>
-inline float fusion_activation(float z) {
-  if constexpr (ACT == FUSION_RELU) {
-    // NaN propagates, as in MLX's maximum(z, 0).
-    return (z > 0.0f || metal::isnan(z)) ? z : 0.0f;
-  } else if constexpr (ACT == FUSION_GELU) {
-    return z * (1.0f + fusion_erf(z * 0.70710678118654752f)) * 0.5f;
-  } else if constexpr (ACT == FUSION_GELU_APPROX) {
-    float u = 0.79788456080286536f * (z + 0.044715f * z * z * z);
-    return 0.5f * z * (1.0f + metal::precise::tanh(u));
-  } else {
-    return z * fusion_sigmoid(z);
+inline float fusion_activation(int act, float z) {
+  switch (act) {
+    case FUSION_RELU:
+      // NaN propagates, as in MLX's maximum(z, 0).
+      return (z > 0.0f || metal::isnan(z)) ? z : 0.0f;
+    case FUSION_GELU:
+      return z * (1.0f + fusion_erf(z * 0.70710678118654752f)) * 0.5f;
+    case FUSION_GELU_APPROX: {
+      float u = 0.79788456080286536f * (z + 0.044715f * z * z * z);
+      return 0.5f * z * (1.0f + metal::precise::tanh(u));
+    }
+    default:
+      return z * fusion_sigmoid(z);
   }
 }
 
 // d activation / dz, written so that g * fusion_activation_grad(z) matches the
 // gradient MLX's autodiff gives for the unfused expression.
-template <int ACT>
-inline float fusion_activation_grad(float z) {
-  if constexpr (ACT == FUSION_RELU) {
-    // MLX: maximum's vjp multiplies the cotangent by (z > 0).
-    return z > 0.0f ? 1.0f : 0.0f;
-  } else if constexpr (ACT == FUSION_GELU) {
-    float cdf = 0.5f * (1.0f + fusion_erf(z * 0.70710678118654752f));
-    float pdf = 0.39894228040143268f * metal::exp(-0.5f * z * z);
-    return cdf + z * pdf;
-  } else if constexpr (ACT == FUSION_GELU_APPROX) {
-    float z2 = z * z;
-    float t = metal::precise::tanh(0.79788456080286536f * (z + 0.044715f * z2 * z));
-    return 0.5f * (1.0f + t) +
-        0.5f * z * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.134145f * z2);
-  } else {
-    float s = fusion_sigmoid(z);
-    return s * (1.0f + z * (1.0f - s));
+inline float fusion_activation_grad(int act, float z) {
+  switch (act) {
+    case FUSION_RELU:
+      // MLX: maximum's vjp multiplies the cotangent by (z > 0).
+      return z > 0.0f ? 1.0f : 0.0f;
+    case FUSION_GELU: {
+      float cdf = 0.5f * (1.0f + fusion_erf(z * 0.70710678118654752f));
+      float pdf = 0.39894228040143268f * metal::exp(-0.5f * z * z);
+      return cdf + z * pdf;
+    }
+    case FUSION_GELU_APPROX: {
+      float z2 = z * z;
+      float t = metal::precise::tanh(0.79788456080286536f * (z + 0.044715f * z2 * z));
+      return 0.5f * (1.0f + t) +
+          0.5f * z * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.134145f * z2);
+    }
+    default: {
+      float s = fusion_sigmoid(z);
+      return s * (1.0f + z * (1.0f - s));
+    }
   }
 }
 

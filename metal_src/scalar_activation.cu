@@ -1,17 +1,31 @@
-// out = act(x * scale + shift), p = (scale, shift) in float32.
-// Twin of scalar_activation.metal (template T, ACT); x is row contiguous.
+// out = act(x * scale + shift), p = (scale, shift, act code) in float32.
+// Twin of scalar_activation.metal (template T; U vectors per thread as in
+// binary_activation.cu); x is row contiguous.
 constexpr int WPT = 16 / sizeof(T);
 const int64_t n = fusion_size(x_shape, x_ndim);
-const int64_t base = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * WPT;
-if (base >= n) {
+const int64_t start = int64_t(blockIdx.x) * blockDim.x * U * WPT;
+if (start >= n) {
   return;
 }
 const float scale = p[0];
 const float shift = p[1];
-float v[WPT];
-fusion_load<WPT>(v, x, base, n, 0, x_shape, x_shape, x_ndim);
+const int act = int(p[2]);
+float v[U][WPT];
 #pragma unroll
-for (int k = 0; k < WPT; k++) {
-  v[k] = fusion_activation<ACT>(v[k] * scale + shift);
+for (int u = 0; u < U; u++) {
+  const int64_t base = start + (int64_t(u) * blockDim.x + threadIdx.x) * WPT;
+  if (base < n) {
+    fusion_load<WPT>(v[u], x, base, n, 0, x_shape, x_shape, x_ndim);
+  }
 }
-fusion_store<WPT>(out, base, n, v);
+#pragma unroll
+for (int u = 0; u < U; u++) {
+  const int64_t base = start + (int64_t(u) * blockDim.x + threadIdx.x) * WPT;
+  if (base < n) {
+#pragma unroll
+    for (int k = 0; k < WPT; k++) {
+      v[u][k] = fusion_activation(act, v[u][k] * scale + shift);
+    }
+    fusion_store<WPT>(out, base, n, v[u]);
+  }
+}

@@ -1,15 +1,17 @@
 // dx = g * act'(x * scale + shift) * scale in one pass, recomputing the
-// pre-activation. Twin: scalar_activation_backward.cu. Template: T, ACT.
+// pre-activation. Twin: scalar_activation_backward.cu. Template: T;
+// p = (scale, shift, act code).
 constexpr int WPT = 16 / sizeof(T);
 const int64_t n = fusion_size(x_shape, x_ndim);
 const int64_t base = int64_t(thread_position_in_grid.x) * WPT;
 const float scale = p[0];
 const float shift = p[1];
+const int act = int(p[2]);
 for (int k = 0; k < WPT; k++) {
   const int64_t i = base + k;
   if (i >= n) {
     break;
   }
-  float dz = float(g[i]) * fusion_activation_grad<ACT>(float(x[i]) * scale + shift);
+  float dz = float(g[i]) * fusion_activation_grad(act, float(x[i]) * scale + shift);
   dx[i] = T(dz * scale);
 }

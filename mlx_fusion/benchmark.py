@@ -191,7 +191,6 @@ def _vjp_fn(fn: Callable):
     """fwd+bwd of fn with a fixed cotangent: what a training step asks of the op."""
 
     def run(*args):
-        out = fn(*args[:-1])
         _, vjps = mx.vjp(fn, list(args[:-1]), [args[-1]])
         return vjps
 
@@ -200,7 +199,13 @@ def _vjp_fn(fn: Callable):
 
 def bench_case(case: OpCase, shape: Tuple[int, ...], dtype=mx.float32, backward: bool = False,
                copy_gbps: float = 0.0, **timing) -> BenchResult:
-    """Time one op configuration as eager (unfused), mx.compile and fused."""
+    """Time one op configuration as eager (unfused), mx.compile and fused.
+
+    "fused" is the op as `fuse()` runs it: inside a compiled replay, so MLX
+    re-runs the recorded graph without re-entering Python. Calling the fused op
+    directly in eager code also pays its Python/launch overhead on every call
+    (10-30 us on a GPU); that time is reported as extra["fused_call_us"].
+    """
     args = case.make_inputs(shape, dtype)
     out = case.reference(*args)
     nbytes = sum(a.nbytes for a in args) + out.nbytes
@@ -208,11 +213,12 @@ def bench_case(case: OpCase, shape: Tuple[int, ...], dtype=mx.float32, backward:
     if case.kind == "linear":
         m, k, n = shape
         flops = 2.0 * m * k * n * (3 if backward else 1)
-    eager, compiled, fused = case.reference, mx.compile(case.reference), case.fused
+    eager, fused_call = case.reference, case.fused
     if backward:
         cot = mx.ones_like(out)
         args = args + [cot]
-        eager, compiled, fused = _vjp_fn(eager), mx.compile(_vjp_fn(case.reference)), _vjp_fn(fused)
+        eager, fused_call = _vjp_fn(eager), _vjp_fn(fused_call)
+    compiled, fused = mx.compile(eager), mx.compile(fused_call)
     res = BenchResult(
         op=case.name, kind=case.kind, pass_="fwd+bwd" if backward else "fwd", shape=tuple(shape),
         dtype=str(dtype).replace("mlx.core.", ""),
@@ -220,6 +226,7 @@ def bench_case(case: OpCase, shape: Tuple[int, ...], dtype=mx.float32, backward:
         compiled_us=time_call(compiled, args, **timing) * 1e6,
         fused_us=time_call(fused, args, **timing) * 1e6,
         bytes_moved=nbytes, flops=flops, copy_gbps=copy_gbps,
+        extra={"fused_call_us": time_call(fused_call, args, **timing) * 1e6},
     )
     return res
 

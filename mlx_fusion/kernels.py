@@ -50,11 +50,12 @@ class KernelSpec:
 KERNEL_SPECS: Dict[str, KernelSpec] = {
     spec.name: spec
     for spec in (
-        # act(a op b); a and b full, scalar, row-broadcast or strided (see the body).
-        KernelSpec("binary_activation", ("a", "b"), ("out",)),
+        # act(a op b); a and b full, one element, row-broadcast or strided (see
+        # the body); m = (op code, activation code), int32.
+        KernelSpec("binary_activation", ("a", "b", "m"), ("out",)),
         # dz = g * act'(a op b) and, for mul/div, the two operand gradients.
-        KernelSpec("binary_activation_backward", ("a", "b", "g"), ("da", "db")),
-        # act(x * p[0] + p[1]); p is a 2-element float32 array.
+        KernelSpec("binary_activation_backward", ("a", "b", "g", "m"), ("da", "db")),
+        # act(x * p[0] + p[1]); p = (scale, shift, activation code), float32.
         KernelSpec("scalar_activation", ("x", "p"), ("out",), ensure_row_contiguous=True),
         KernelSpec("scalar_activation_backward", ("x", "p", "g"), ("dx",), ensure_row_contiguous=True),
     )

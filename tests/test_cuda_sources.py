@@ -7,6 +7,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_fusion.kernels import KERNEL_SPECS, kernel_source
+from mlx_fusion.ops.common import CUDA_UNROLL
 from tests.cuda_shim import PRELUDE, compile_cuda, nvcc, render_cuda_kernel
 
 pytestmark = pytest.mark.skipif(nvcc() is None, reason="nvcc is not on PATH")
@@ -17,11 +18,11 @@ DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 def _template_space(name):
     """Template values the ops pass for each kernel (see mlx_fusion/ops)."""
     if name.startswith("binary_activation"):
-        for dt, op, act in itertools.product(DTYPES, range(4), range(4)):
-            yield [("T", dt), ("OP", op), ("ACT", act)]
+        for dt, u in itertools.product(DTYPES, (CUDA_UNROLL, 1)):
+            yield [("T", dt), ("U", u)]
     else:
-        for dt, act in itertools.product(DTYPES, range(4)):
-            yield [("T", dt), ("ACT", act)]
+        for dt in DTYPES:
+            yield [("T", dt), ("U", CUDA_UNROLL)]
 
 
 @pytest.mark.parametrize("name", sorted(KERNEL_SPECS))
@@ -31,7 +32,7 @@ def test_cuda_kernel_compiles(name):
     units = [PRELUDE + header]
     for i, template in enumerate(_template_space(name)):
         dt = template[0][1]
-        in_dtypes = [mx.float32 if n == "p" else dt for n in spec.input_names]
+        in_dtypes = [mx.float32 if n == "p" else mx.int32 if n == "m" else dt for n in spec.input_names]
         units.append(render_cuda_kernel(
             f"k{i}", "", body, spec.input_names, in_dtypes, [1] * len(in_dtypes),
             spec.output_names, [dt] * len(spec.output_names), template))

@@ -67,11 +67,11 @@ def _mlx_generated_source(capfd, name, spec, source, header, inputs, out_dtypes,
 
 RENDER_CASES = [
     # kernel, input shapes (None = 0-d), template
-    ("binary_activation", [(16, 3), (1,)], [("T", mx.bfloat16), ("OP", 3), ("ACT", 1)]),
-    ("binary_activation", [(), (7,)], [("T", mx.float16), ("OP", 0), ("ACT", 0)]),
-    ("binary_activation_backward", [(8,), (8,), (2, 4)], [("T", mx.float32), ("OP", 2), ("ACT", 3)]),
-    ("scalar_activation", [(64,), (2,)], [("T", mx.float16), ("ACT", 2)]),
-    ("scalar_activation_backward", [(64,), (2,), (64,)], []),
+    ("binary_activation", [(16, 3), (1,), (2,)], [("T", mx.bfloat16)]),
+    ("binary_activation", [(), (7,), (2,)], [("T", mx.float16)]),
+    ("binary_activation_backward", [(8,), (8,), (2, 4), (2,)], [("T", mx.float32)]),
+    ("scalar_activation", [(64,), (3,)], [("T", mx.float16)]),
+    ("scalar_activation_backward", [(64,), (3,), (64,)], []),
 ]
 
 
@@ -80,7 +80,8 @@ def test_render_matches_mlx(capfd, name, shapes, template):
     spec = KERNEL_SPECS[name]
     header, body = kernel_source(name, "metal")
     dt = template[0][1] if template else mx.float32
-    inputs = [mx.zeros(s, mx.float32 if n == "p" else dt) for n, s in zip(spec.input_names, shapes)]
+    inputs = [mx.zeros(s, mx.float32 if n == "p" else mx.int32 if n == "m" else dt)
+              for n, s in zip(spec.input_names, shapes)]
     out_dtypes = [dt] * len(spec.output_names)
     expected = _mlx_generated_source(capfd, f"mlx_fusion_{name}", spec, body, header, inputs, out_dtypes,
                                      template or None)
@@ -115,18 +116,18 @@ def _template_space(name):
     signature (MLX passes inputs under 8 elements in the `constant` address
     space), so each pattern is compiled too."""
     if name.startswith("binary_activation"):
-        for dt, op, act, scalars in itertools.product(DTYPES, range(4), range(4), ((), ("a",), ("b",))):
-            yield [("T", dt), ("OP", op), ("ACT", act)], scalars
+        for dt, scalars in itertools.product(DTYPES, ((), ("a",), ("b",))):
+            yield [("T", dt)], scalars
     else:
-        for dt, act in itertools.product(DTYPES, range(4)):
-            yield [("T", dt), ("ACT", act)], ()
+        for dt in DTYPES:
+            yield [("T", dt)], ()
 
 
 def _metas(spec, template, scalars=()):
     """Inputs as the ops pass them: p is float32 (2,), a one-element operand (1,), others large."""
     t = dict(template)
-    return [InputMeta(mx.float32 if n == "p" else t["T"],
-                      (2,) if n == "p" else (1,) if n in scalars else (4096,))
+    return [InputMeta(mx.float32 if n == "p" else mx.int32 if n == "m" else t["T"],
+                      (3,) if n == "p" else (2,) if n == "m" else (1,) if n in scalars else (4096,))
             for n in spec.input_names]
 
 
@@ -262,9 +263,10 @@ def test_binary_kernel_strided_numpy_views():
                      "reversed": full.T[::-1]}
         b_layouts = {"contiguous": other, "row-broadcast": np.broadcast_to(other[0], (9, 13))}
         for (la, a), (lb, b) in itertools.product(a_layouts.items(), b_layouts.items()):
-            out = k.run_numpy([a, b], [dt, dt], [(9, 13)], [dt], grid=(-(-117 // (16 // dt.size)), 1, 1),
-                              threadgroup=(8, 1, 1),
-                              template=[("T", dt), ("OP", 1), ("ACT", 3)])[0]
+            mode = np.array([1, 3], dtype=np.int32)  # sub, silu
+            out = k.run_numpy([a, b, mode], [dt, dt, mx.int32], [(9, 13)], [dt],
+                              grid=(-(-117 // (16 // dt.size)), 1, 1), threadgroup=(8, 1, 1),
+                              template=[("T", dt)])[0]
             want = binary_reference(_from_bits(a, dt), _from_bits(b, dt), "sub", "silu")
             _close(_from_bits(out, dt), want, dt)
 

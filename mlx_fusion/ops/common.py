@@ -4,6 +4,7 @@ the activation derivatives in MLX form (the CPU twin of the kernels' math)."""
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 from typing import Sequence, Tuple
 
@@ -44,11 +45,23 @@ def elements_per_thread(dtype: mx.Dtype) -> int:
     return 16 // dtype.size
 
 
-def grid_for(n: int, dtype: mx.Dtype) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
-    threads = -(-n // elements_per_thread(dtype))
+# CUDA kernels move CUDA_UNROLL 16-byte vectors per thread per operand (see
+# metal_src/binary_activation.cu); measured on an H100 in docs/performance.md.
+CUDA_UNROLL = int(os.environ.get("MLX_FUSION_CUDA_UNROLL", "4"))
+
+
+@lru_cache(maxsize=None)
+def _per_thread(dtype: mx.Dtype, backend: str) -> int:
+    return elements_per_thread(dtype) * (CUDA_UNROLL if backend == "cuda" else 1)
+
+
+def launch_geometry(n: int, dtype: mx.Dtype, backend: str):
+    """(grid, threadgroup, extra template args) for an elementwise kernel over n elements."""
+    threads = -(-n // _per_thread(dtype, backend))
     if threads >= 2**31:
         raise ValueError(f"array of {n} elements is too large for one kernel launch")
-    return (threads, 1, 1), (THREADGROUP, 1, 1)
+    extra = [("U", CUDA_UNROLL)] if backend == "cuda" else []
+    return (threads, 1, 1), (THREADGROUP, 1, 1), extra
 
 
 def sum_to_shape(x: mx.array, shape: Sequence[int]) -> mx.array:

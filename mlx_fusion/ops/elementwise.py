@@ -25,7 +25,7 @@ from .common import (
     binary_operand_grads,
     f32,
     flat1d,
-    grid_for,
+    launch_geometry,
     is_fusable_dtype,
     promote,
     sum_to_shape,
@@ -35,6 +35,7 @@ from .common import (
 __all__ = ["fused_binary", "fused_scalar", "binary_reference", "scalar_reference"]
 
 Number = Union[int, float]
+FUSABLE = frozenset((mx.float32, mx.float16, mx.bfloat16))
 
 
 # --- references (the unfused MLX expressions) ----------------------------------
@@ -72,14 +73,14 @@ def launch_binary(op: BinaryOp, act: Activation, a: mx.array, b: mx.array, out_s
     """Run the binary_activation kernel; a and b share the output dtype."""
     work = tuple(out_shape) or (1,)
     ak, bk = _operand(a, work), _operand(b, work)
-    grid, group = grid_for(_prod(work), a.dtype)
+    grid, group, extra = launch_geometry(_prod(work), a.dtype, kernels.kernel_backend())
     out = kernels.get_kernel("binary_activation")(
-        inputs=[ak, bk],
+        inputs=[ak, bk, _mode(op, act)],
         output_shapes=[work],
         output_dtypes=[a.dtype],
         grid=grid,
         threadgroup=group,
-        template=[("T", a.dtype), ("OP", op.code), ("ACT", act.code)],
+        template=[("T", a.dtype)] + extra,
     )[0]
     return out.reshape(out_shape) if work != tuple(out_shape) else out
 
@@ -92,18 +93,27 @@ def launch_binary_backward(op: BinaryOp, act: Activation, a, b, g, out_shape):
     if tuple(gk.shape) != work:
         gk = mx.broadcast_to(gk, work)
     two = op in (BinaryOp.MUL, BinaryOp.DIV)
-    grid, group = grid_for(_prod(work), a.dtype)
+    grid, group, extra = launch_geometry(_prod(work), a.dtype, kernels.kernel_backend())
     da, db = kernels.get_kernel("binary_activation_backward")(
-        inputs=[ak, bk, gk],
+        inputs=[ak, bk, gk, _mode(op, act)],
         output_shapes=[work, work if two else (1,)],
         output_dtypes=[a.dtype, a.dtype],
         grid=grid,
         threadgroup=group,
-        template=[("T", a.dtype), ("OP", op.code), ("ACT", act.code)],
+        template=[("T", a.dtype)] + extra,
     )
     if work != tuple(out_shape):
         da, db = da.reshape(out_shape), (db.reshape(out_shape) if two else db)
     return da, (db if two else None)
+
+
+@lru_cache(maxsize=None)
+def _mode(op: BinaryOp, act: Activation) -> mx.array:
+    """(op, activation) codes for the kernel, made once per pair: the kernels
+    switch on them at run time, so one JIT-compiled kernel per dtype serves all."""
+    m = mx.array([op.code, act.code], dtype=mx.int32)
+    mx.eval(m)
+    return m
 
 
 @lru_cache(maxsize=None)
@@ -175,6 +185,11 @@ def fused_binary(
         array: the same values as the unfused ``act(a op b)`` in MLX.
     """
     op, act = as_binary_op(op), as_activation(activation)
+    # Fast path (the common call): two arrays of one fusable dtype.
+    if type(a) is mx.array and type(b) is mx.array and a.dtype == b.dtype and a.dtype in FUSABLE:
+        shape = a.shape if a.shape == b.shape else None
+        if shape is not None and a.size:
+            return _binary_primitive(op, act)(a, b)
     if not isinstance(a, mx.array) and not isinstance(b, mx.array):
         a = mx.array(a)
     a = as_array(a, b.dtype if isinstance(b, mx.array) else a.dtype)
@@ -201,24 +216,24 @@ _PARAMS_CACHE_SIZE = 1024
 
 
 @lru_cache(maxsize=_PARAMS_CACHE_SIZE)
-def _params(scale: float, shift: float) -> mx.array:
-    """(scale, shift) as a float32 array, made once per value pair: no per-call
-    host allocation for the usual constant scale/shift."""
-    p = mx.array([scale, shift], dtype=mx.float32)
+def _params(scale: float, shift: float, act: Activation) -> mx.array:
+    """(scale, shift, activation code) as a float32 array, made once per value:
+    no per-call host allocation for the usual constant scale/shift."""
+    p = mx.array([scale, shift, act.code], dtype=mx.float32)
     mx.eval(p)
     return p
 
 
 def launch_scalar(act: Activation, x: mx.array, p: mx.array) -> mx.array:
     xk = x.reshape(-1)
-    grid, group = grid_for(xk.size, x.dtype)
+    grid, group, extra = launch_geometry(xk.size, x.dtype, kernels.kernel_backend())
     out = kernels.get_kernel("scalar_activation")(
         inputs=[xk, p],
         output_shapes=[xk.shape],
         output_dtypes=[x.dtype],
         grid=grid,
         threadgroup=group,
-        template=[("T", x.dtype), ("ACT", act.code)],
+        template=[("T", x.dtype)] + extra,
     )[0]
     return out.reshape(x.shape)
 
@@ -226,14 +241,14 @@ def launch_scalar(act: Activation, x: mx.array, p: mx.array) -> mx.array:
 def launch_scalar_backward(act: Activation, x: mx.array, p: mx.array, g: mx.array) -> mx.array:
     xk = x.reshape(-1)
     gk = (g.astype(x.dtype) if g.dtype != x.dtype else g).reshape(-1)
-    grid, group = grid_for(xk.size, x.dtype)
+    grid, group, extra = launch_geometry(xk.size, x.dtype, kernels.kernel_backend())
     dx = kernels.get_kernel("scalar_activation_backward")(
         inputs=[xk, p, gk],
         output_shapes=[xk.shape],
         output_dtypes=[x.dtype],
         grid=grid,
         threadgroup=group,
-        template=[("T", x.dtype), ("ACT", act.code)],
+        template=[("T", x.dtype)] + extra,
     )[0]
     return dx.reshape(x.shape)
 
@@ -265,7 +280,7 @@ def _scalar_primitive(act: Activation):
         # Gradients for scale/shift matter only when they were arrays; MLX
         # evaluates lazily, so these reductions run only if someone asks.
         dz = dz_of(x, p, cotangent)
-        dp = mx.stack([(dz * f32(x)).sum(), dz.sum()])
+        dp = mx.stack([(dz * f32(x)).sum(), dz.sum(), mx.array(0.0)])
         return dx, dp
 
     @fused.jvp
@@ -317,11 +332,12 @@ def fused_scalar(
             return scalar_reference(x, scale_a, shift_a, act)
         out_shape = mx.broadcast_shapes(x.shape, scale_a.shape, shift_a.shape)
         dtype = promote(x.dtype, scale_a.dtype, shift_a.dtype)
-        p = mx.concatenate([scale_a.reshape(1), shift_a.reshape(1)]).astype(mx.float32)
+        p = mx.concatenate([scale_a.reshape(1).astype(mx.float32), shift_a.reshape(1).astype(mx.float32),
+                            _params(0.0, 0.0, act)[2:]])
         xk = x.astype(dtype) if x.dtype != dtype else x
         y = _scalar_primitive(act)(xk, p)
         return y.reshape(out_shape) if tuple(y.shape) != tuple(out_shape) else y
     s, t = _check_number("scale", scale), _check_number("shift", shift)
     if not is_fusable_dtype(x.dtype) or x.size == 0:
         return scalar_reference(x, scale, shift, act)
-    return _scalar_primitive(act)(x, _params(s, t))
+    return _scalar_primitive(act)(x, _params(s, t, act))

@@ -66,7 +66,7 @@ def _linear_primitive(act: Activation, has_bias: bool):
         if has_bias:
             y = launch_binary(BinaryOp.ADD, act, mm, b[0], mm.shape)
         else:
-            y = launch_scalar(act, mm, _params(1.0, 0.0))
+            y = launch_scalar(act, mm, _params(1.0, 0.0, act))
         return y, mm
 
     @fused.vjp
@@ -79,7 +79,7 @@ def _linear_primitive(act: Activation, has_bias: bool):
         elif has_bias:
             dz, _ = launch_binary_backward(BinaryOp.ADD, act, mm, b[0], g, mm.shape)
         else:
-            dz = launch_scalar_backward(act, mm, _params(1.0, 0.0), g)
+            dz = launch_scalar_backward(act, mm, _params(1.0, 0.0, act), g)
         grads = (dz @ w, dz.T @ x)
         if has_bias:
             grads += (dz.sum(axis=0).astype(b[0].dtype),)
