@@ -21,14 +21,11 @@ for (int u = 0; u < U; u++) {
     fusion_load<WPT>(y[u], b, base, n, lb, b_shape, b_strides, b_ndim);
   }
 }
+FUSION_DISPATCH(op, act, fusion_forward_n, U * WPT, &x[0][0], &y[0][0]);
 #pragma unroll
 for (int u = 0; u < U; u++) {
   const int64_t base = start + (int64_t(u) * blockDim.x + threadIdx.x) * WPT;
   if (base < n) {
-#pragma unroll
-    for (int k = 0; k < WPT; k++) {
-      x[u][k] = fusion_activation(act, fusion_binary(op, x[u][k], y[u][k]));
-    }
     fusion_store<WPT>(out, base, n, x[u]);
   }
 }

@@ -23,15 +23,12 @@ for (int u = 0; u < U; u++) {
     fusion_load<WPT>(dz[u], g, base, n, lg, g_shape, g_strides, g_ndim);
   }
 }
+FUSION_DISPATCH(op, act, fusion_dz_n, U * WPT, &dz[0][0], &x[0][0], &y[0][0]);
 #pragma unroll
 for (int u = 0; u < U; u++) {
   const int64_t base = start + (int64_t(u) * blockDim.x + threadIdx.x) * WPT;
   if (base >= n) {
     continue;
-  }
-#pragma unroll
-  for (int k = 0; k < WPT; k++) {
-    dz[u][k] *= fusion_activation_grad(act, fusion_binary(op, x[u][k], y[u][k]));
   }
   if (op == FUSION_MUL) {
 #pragma unroll

@@ -74,6 +74,71 @@ __device__ __forceinline__ float fusion_activation_grad(int act, float z) {
   }
 }
 
+// The per-element math with op and activation as compile-time constants,
+// and one switch per thread that picks the variant: a switch per element,
+// inlined into fully unrolled loops, made the code large enough to slow
+// 16-bit types down (docs/performance.md).
+template <int OP, int ACT, int N>
+__device__ __forceinline__ void fusion_forward_n(float* x, const float* y) {
+#pragma unroll
+  for (int k = 0; k < N; k++) {
+    x[k] = fusion_activation(ACT, fusion_binary(OP, x[k], y[k]));
+  }
+}
+
+template <int OP, int ACT, int N>
+__device__ __forceinline__ void fusion_dz_n(float* g, const float* x, const float* y) {
+#pragma unroll
+  for (int k = 0; k < N; k++) {
+    g[k] *= fusion_activation_grad(ACT, fusion_binary(OP, x[k], y[k]));
+  }
+}
+
+#define FUSION_DISPATCH(op, act, F, N, ...)                   \
+  switch ((op) * 4 + (act)) {                                 \
+    case 0: F<0, 0, N>(__VA_ARGS__); break;                   \
+    case 1: F<0, 1, N>(__VA_ARGS__); break;                   \
+    case 2: F<0, 2, N>(__VA_ARGS__); break;                   \
+    case 3: F<0, 3, N>(__VA_ARGS__); break;                   \
+    case 4: F<1, 0, N>(__VA_ARGS__); break;                   \
+    case 5: F<1, 1, N>(__VA_ARGS__); break;                   \
+    case 6: F<1, 2, N>(__VA_ARGS__); break;                   \
+    case 7: F<1, 3, N>(__VA_ARGS__); break;                   \
+    case 8: F<2, 0, N>(__VA_ARGS__); break;                   \
+    case 9: F<2, 1, N>(__VA_ARGS__); break;                   \
+    case 10: F<2, 2, N>(__VA_ARGS__); break;                  \
+    case 11: F<2, 3, N>(__VA_ARGS__); break;                  \
+    case 12: F<3, 0, N>(__VA_ARGS__); break;                  \
+    case 13: F<3, 1, N>(__VA_ARGS__); break;                  \
+    case 14: F<3, 2, N>(__VA_ARGS__); break;                  \
+    default: F<3, 3, N>(__VA_ARGS__); break;                  \
+  }
+
+// The same for the scalar kernels, with the activation alone as a constant.
+template <int ACT, int N>
+__device__ __forceinline__ void fusion_affine_n(float* v, float scale, float shift) {
+#pragma unroll
+  for (int k = 0; k < N; k++) {
+    v[k] = fusion_activation(ACT, v[k] * scale + shift);
+  }
+}
+
+template <int ACT, int N>
+__device__ __forceinline__ void fusion_affine_dx_n(float* d, const float* v, float scale, float shift) {
+#pragma unroll
+  for (int k = 0; k < N; k++) {
+    d[k] = d[k] * fusion_activation_grad(ACT, v[k] * scale + shift) * scale;
+  }
+}
+
+#define FUSION_DISPATCH_ACT(act, F, N, ...)  \
+  switch (act) {                             \
+    case 0: F<0, N>(__VA_ARGS__); break;     \
+    case 1: F<1, N>(__VA_ARGS__); break;     \
+    case 2: F<2, N>(__VA_ARGS__); break;     \
+    default: F<3, N>(__VA_ARGS__); break;    \
+  }
+
 // Shape / Strides are MLX's fixed-size arrays passed by value.
 template <typename S>
 __device__ __forceinline__ int64_t fusion_size(const S& shape, int ndim) {
@@ -123,6 +188,42 @@ __device__ __forceinline__ float fusion_float(T x) {
   return static_cast<float>(x);
 }
 
+// Elements <-> the 32-bit words of a 16-byte vector, by shifts and masks on
+// registers. (Reading a __half/__nv_bfloat16 array through a pointer to a
+// local uint4 can force it into local memory: see docs/performance.md.)
+template <typename T>
+struct FusionBits;
+
+template <>
+struct FusionBits<float> {
+  static constexpr int per_word = 1;
+  __device__ static float get(unsigned w, int) { return __uint_as_float(w); }
+  __device__ static unsigned put(unsigned, int, float v) { return __float_as_uint(v); }
+};
+
+template <>
+struct FusionBits<__half> {
+  static constexpr int per_word = 2;
+  __device__ static float get(unsigned w, int i) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> (16 * i))));
+  }
+  __device__ static unsigned put(unsigned w, int i, float v) {
+    unsigned bits = __half_as_ushort(__float2half_rn(v));
+    return (w & ~(0xffffu << (16 * i))) | (bits << (16 * i));
+  }
+};
+
+template <>
+struct FusionBits<__nv_bfloat16> {
+  static constexpr int per_word = 2;
+  __device__ static float get(unsigned w, int i) {
+    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(w >> (16 * i))));
+  }
+  __device__ static unsigned put(unsigned w, int i, float v) {
+    unsigned bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    return (w & ~(0xffffu << (16 * i))) | (bits << (16 * i));
+  }
+};
 
 template <typename T>
 __device__ __forceinline__ bool fusion_aligned(const T* p) {
@@ -153,13 +254,12 @@ __device__ __forceinline__ void fusion_load(
     if (layout >= 0 && base + W <= n && (layout == 0 || layout % W == 0)) {
       const T* p = x + (layout == 0 ? base : base % layout);
       if (fusion_aligned(p)) {
-        // One 16-byte load as uint4: a struct of __half/__nv_bfloat16 (types
-        // with constructors) would be copied element by element.
         uint4 raw = *reinterpret_cast<const uint4*>(p);
-        const T* v = reinterpret_cast<const T*>(&raw);
+        unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+        constexpr int P = FusionBits<T>::per_word;
 #pragma unroll
         for (int k = 0; k < W; k++) {
-          dst[k] = fusion_float(v[k]);
+          dst[k] = FusionBits<T>::get(words[k / P], k % P);
         }
         return;
       }
@@ -180,13 +280,13 @@ __device__ __forceinline__ void fusion_load(
 template <int W, typename T>
 __device__ __forceinline__ void fusion_store(T* out, int64_t base, int64_t n, const float* src) {
   if (base + W <= n && fusion_aligned(out + base)) {
-    uint4 raw;
-    T* v = reinterpret_cast<T*>(&raw);
+    unsigned words[4] = {0u, 0u, 0u, 0u};
+    constexpr int P = FusionBits<T>::per_word;
 #pragma unroll
     for (int k = 0; k < W; k++) {
-      v[k] = T(src[k]);
+      words[k / P] = FusionBits<T>::put(words[k / P], k % P, src[k]);
     }
-    *reinterpret_cast<uint4*>(out + base) = raw;
+    *reinterpret_cast<uint4*>(out + base) = make_uint4(words[0], words[1], words[2], words[3]);
   } else {
     for (int k = 0; k < W && base + k < n; k++) {
       out[base + k] = T(src[k]);

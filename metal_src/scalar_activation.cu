@@ -18,14 +18,11 @@ for (int u = 0; u < U; u++) {
     fusion_load<WPT>(v[u], x, base, n, 0, x_shape, x_shape, x_ndim);
   }
 }
+FUSION_DISPATCH_ACT(act, fusion_affine_n, U * WPT, &v[0][0], scale, shift);
 #pragma unroll
 for (int u = 0; u < U; u++) {
   const int64_t base = start + (int64_t(u) * blockDim.x + threadIdx.x) * WPT;
   if (base < n) {
-#pragma unroll
-    for (int k = 0; k < WPT; k++) {
-      v[u][k] = fusion_activation(act, v[u][k] * scale + shift);
-    }
     fusion_store<WPT>(out, base, n, v[u]);
   }
 }

@@ -20,14 +20,11 @@ for (int u = 0; u < U; u++) {
     fusion_load<WPT>(d[u], g, base, n, 0, x_shape, x_shape, x_ndim);
   }
 }
+FUSION_DISPATCH_ACT(act, fusion_affine_dx_n, U * WPT, &d[0][0], &v[0][0], scale, shift);
 #pragma unroll
 for (int u = 0; u < U; u++) {
   const int64_t base = start + (int64_t(u) * blockDim.x + threadIdx.x) * WPT;
   if (base < n) {
-#pragma unroll
-    for (int k = 0; k < WPT; k++) {
-      d[u][k] = d[u][k] * fusion_activation_grad(act, v[u][k] * scale + shift) * scale;
-    }
     fusion_store<WPT>(dx, base, n, d[u]);
   }
 }

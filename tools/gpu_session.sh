@@ -13,8 +13,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 for step in "$@"; do
   case $step in
     unroll) python3 tools/gpu_unroll.py 2>&1 | tee "$OUT/unroll.txt" ;;
-    tests) timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_ops.py} 2>&1 \
-             | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+    tests) timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_ops.py} \
+             ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     bench) python3 benchmarks/ops.py --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>/dev/null | tee "$OUT/bench_gpu.txt" ;;
     *) echo "unknown step $step" ;;
   esac
