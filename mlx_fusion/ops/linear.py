@@ -96,6 +96,15 @@ def _linear_primitive(act: Activation, has_bias: bool):
     return fused
 
 
+def _empty_linear(x, weight, bias, act, dtype):
+    """An empty product (M, N or K = 0) without a GEMM: its sum over K is zero.
+    (MLX 0.32.4's CUDA matmul crashes on some empty operands.)"""
+    y = mx.zeros((*x.shape[:-1], weight.shape[0]), dtype)
+    if bias is not None:
+        y = y + bias
+    return act.reference(y) if act is not None else y
+
+
 def fused_linear(
     x: mx.array,
     weight: mx.array,
@@ -124,8 +133,10 @@ def fused_linear(
     if bias is not None and bias.size not in (1, out_features):
         return linear_reference(x, weight, bias, act)
     dtype = promote(*(t.dtype for t in arrays))
-    if not all(is_fusable_dtype(t.dtype) for t in arrays) or x.size == 0 or weight.size == 0:
+    if not all(is_fusable_dtype(t.dtype) for t in arrays):
         return linear_reference(x, weight, bias, act)
+    if x.size == 0 or weight.size == 0:
+        return _empty_linear(x, weight, bias, act, dtype)
     if act is None:
         if bias is None:
             return x @ weight.T
