@@ -141,7 +141,10 @@ def _binary_primitive(op: BinaryOp, act: Activation):
     def fused(a, b):
         if kernels.kernel_backend() is None:
             return cpu_forward(a, b)
-        return launch_binary(op, act, a, b, mx.broadcast_shapes(a.shape, b.shape))
+        # stop_gradient keeps MLX's jvp from tracing into the kernel (which has
+        # no jvp of its own); this function's custom rules stand for it.
+        return launch_binary(op, act, mx.stop_gradient(a), mx.stop_gradient(b),
+                             mx.broadcast_shapes(a.shape, b.shape))
 
     @fused.vjp
     def fused_vjp(primals, cotangent, output):
@@ -268,7 +271,7 @@ def _scalar_primitive(act: Activation):
     def fused(x, p):
         if kernels.kernel_backend() is None:
             return cpu_forward(x, p)
-        return launch_scalar(act, x, p)
+        return launch_scalar(act, mx.stop_gradient(x), p)  # see _binary_primitive
 
     @fused.vjp
     def fused_vjp(primals, cotangent, output):

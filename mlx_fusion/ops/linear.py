@@ -1,13 +1,12 @@
 """Fused linear layer: act(x @ weight.T + bias) as one custom primitive.
 
-Forward: MLX's GEMM, then one epilogue kernel that adds the bias and applies
-the activation in a single pass over the GEMM output (binary_activation with a
-row-broadcast bias, or scalar_activation when there is no bias). The GEMM
-result is returned as a hidden second output so the backward pass reuses it
-instead of recomputing the product.
+Forward: MLX's GEMM with the bias in its epilogue (`mx.addmm`), then one
+activation kernel over the GEMM output (scalar_activation with scale 1, shift
+0). The pre-activation is returned as a hidden second output so the backward
+pass reuses it instead of recomputing the product.
 
-Backward: one kernel for dz = g * act'(mm + bias), then MLX matmuls for
-dx = dz @ W and dW = dz.T @ x, and a reduction for the bias gradient.
+Backward: one kernel for dz = g * act'(z), then MLX matmuls for dx = dz @ W
+and dW = dz.T @ x, and a reduction for the bias gradient.
 
 With no activation there is nothing to add to MLX: `mx.addmm` already fuses the
 bias into the GEMM, so that is what runs.
@@ -21,9 +20,9 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from .. import kernels
-from ..patterns import Activation, BinaryOp, as_activation
+from ..patterns import Activation, as_activation
 from .common import activation_grad, f32, is_fusable_dtype, promote, tangents_for
-from .elementwise import _params, launch_binary, launch_binary_backward, launch_scalar, launch_scalar_backward
+from .elementwise import _params, launch_scalar, launch_scalar_backward
 
 __all__ = ["fused_linear", "linear_reference"]
 
@@ -39,50 +38,46 @@ def linear_reference(x, weight, bias=None, activation=None) -> mx.array:
 
 @lru_cache(maxsize=None)
 def _linear_primitive(act: Activation, has_bias: bool):
-    def parts(x, w, *b):
-        mm = x @ w.T
-        z = mm + b[0] if has_bias else mm
-        return act.reference(z), mm
+    def preactivation(x, w, *b):
+        # The bias rides in the GEMM (MLX's addmm: an axpby epilogue on Metal,
+        # cuBLASLt's bias epilogue on CUDA), so the epilogue kernel is one pass.
+        return mx.addmm(b[0], x, w.T) if has_bias else x @ w.T
 
-    # CPU: the epilogue math in float32, as the kernels compute it; mx.compile
+    def parts(x, w, *b):
+        z = preactivation(x, w, *b)
+        return act.reference(z), z
+
+    # CPU: the activation in float32, as the kernels compute it; mx.compile
     # fuses it into one loop over the GEMM output.
     def cpu_parts(x, w, *b):
-        mm = x @ w.T
-        z = f32(mm) + f32(b[0]) if has_bias else f32(mm)
-        return act.reference(z).astype(mm.dtype), mm
+        z = preactivation(x, w, *b)
+        return act.reference(f32(z)).astype(z.dtype), z
 
-    def dz_of(mm, g, *b):
-        z = f32(mm) + f32(b[0]) if has_bias else f32(mm)
-        return (f32(g) * activation_grad(act, z)).astype(mm.dtype)
+    def dz_of(z, g):
+        return (f32(g) * activation_grad(act, f32(z))).astype(z.dtype)
 
     cpu_forward = mx.compile(cpu_parts)
     cpu_dz = mx.compile(dz_of)
+    identity = _params(1.0, 0.0, act)
 
     @mx.custom_function
     def fused(x, w, *b):
         if kernels.kernel_backend() is None:
             return cpu_forward(x, w, *b)
-        mm = x @ w.T
-        if has_bias:
-            y = launch_binary(BinaryOp.ADD, act, mm, b[0], mm.shape)
-        else:
-            y = launch_scalar(act, mm, _params(1.0, 0.0, act))
-        return y, mm
+        z = preactivation(x, w, *b)
+        return launch_scalar(act, mx.stop_gradient(z), identity), z
 
     @fused.vjp
     def fused_vjp(primals, cotangents, outputs):
         x, w = primals[0], primals[1]
-        b = tuple(primals[2:])
-        g, mm = cotangents[0], outputs[1]
+        g, z = cotangents[0], outputs[1]
         if kernels.kernel_backend() is None:
-            dz = cpu_dz(mm, g, *b)
-        elif has_bias:
-            dz, _ = launch_binary_backward(BinaryOp.ADD, act, mm, b[0], g, mm.shape)
+            dz = cpu_dz(z, g)
         else:
-            dz = launch_scalar_backward(act, mm, _params(1.0, 0.0, act), g)
+            dz = launch_scalar_backward(act, z, identity, g)
         grads = (dz @ w, dz.T @ x)
         if has_bias:
-            grads += (dz.sum(axis=0).astype(b[0].dtype),)
+            grads += (dz.sum(axis=0).astype(primals[2].dtype),)
         return grads
 
     @fused.jvp
