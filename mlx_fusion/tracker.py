@@ -20,6 +20,7 @@ entries; an unreadable or foreign file is ignored with a warning.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -300,6 +301,35 @@ class PerformanceTracker:
             self._entries, self._dirty = {}, {}
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+@functools.lru_cache(maxsize=None)
+def _priors(kind: str) -> Dict[str, dict]:
+    path = Path(__file__).resolve().parent / "data" / f"priors-{kind}.json"
+    try:
+        return json.loads(path.read_text())["entries"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def prior_speedup(pattern, dtype, size: int, device: str) -> Optional[float]:
+    """Shipped measurement for this device kind ("cuda", ...): the pattern's own entry at
+    this size bucket, else the median of its kind (binary/scalar/linear) there."""
+    kind = device_id(device).split(":")[0]
+    entries = _priors(kind)
+    if not entries:
+        return None
+    b = size_bucket(size)
+    try:
+        case = case_for_pattern(pattern)
+    except ValueError:
+        return None
+    for name in (_pattern_name(case.pattern), "*" + case.kind):
+        for bucket in (b, b - 1, b + 1):
+            hit = entries.get(_key(kind, name, dtype, bucket))
+            if hit is not None:
+                return float(hit["speedup"])
+    return None
 
 
 _default: Optional[PerformanceTracker] = None

@@ -224,3 +224,17 @@ def test_benchmark_pattern_measures_records_and_saves(private_cache, pattern, si
 def test_benchmark_pattern_rejects_unknown_patterns():
     with pytest.raises(ValueError, match="no benchmark"):
         PerformanceTracker().benchmark_pattern("pow+relu", 4096)
+
+
+def test_shipped_priors_decide_on_cuda_when_nothing_is_measured():
+    """The H100 measurements shipped in mlx_fusion/data/priors-cuda.json: bf16 add+relu at
+    16M elements was slower than mx.compile there, so it is not fused by default."""
+    from mlx_fusion.patterns import Activation, BinaryActivation, BinaryOp
+    from mlx_fusion.tracker import prior_speedup
+
+    slow = prior_speedup(BinaryActivation(BinaryOp.ADD, Activation.RELU), "bfloat16", 2**24, "cuda")
+    assert slow is not None and slow < 1.0
+    # an unmeasured pattern falls back to the median of its kind at that size
+    other = prior_speedup(BinaryActivation(BinaryOp.ADD, Activation.SILU), "bfloat16", 2**24, "cuda")
+    assert other is not None
+    assert prior_speedup(BinaryActivation(BinaryOp.ADD, Activation.RELU), "float32", 2**24, "cpu") is None

@@ -168,11 +168,15 @@ class FusionOptimizer:
         saved = sum(v.nbytes for n in m.nodes[:-1] if n.op not in VIEW_OPS for v in n.outputs)
         speedup, source = unfused / fused, "model"
         if tracker is not None:
-            measured = tracker.lookup(m.pattern, m.output.dtype, m.size, device)
+            measured, how = tracker.lookup(m.pattern, m.output.dtype, m.size, device), "measured"
+            if measured is None:  # nothing measured here: what was measured on this kind of GPU
+                from ..tracker import prior_speedup
+
+                measured, how = prior_speedup(m.pattern, m.output.dtype, m.size, device), "shipped"
             if measured is not None:
                 if measured < 1.0:
                     return None  # measured slower than unfused: leave it alone
-                speedup, source = float(measured), "measured"
+                speedup, source = float(measured), how
         if speedup <= 1.0:
             return None
         replacement = Node(-1, m.op, list(m.inputs), [m.output], dict(m.params))

@@ -1,0 +1,48 @@
+"""Turn benchmark JSON files (benchmarks/ops.py --backward --json) into the
+shipped priors the tracker falls back on for a device kind with no local
+measurements: mlx_fusion/data/priors-<kind>.json.
+
+    python3 tools/make_priors.py cuda docs/data/h100-elementwise.json docs/data/h100-linear.json
+
+Each entry's speedup is the smaller of the forward and forward+backward ratios
+of fused vs the better of eager and mx.compile: a fusion must pay in training
+as well as inference to be taken by default. Per-kind entries ("*binary",
+"*scalar", "*linear") give the median for patterns that were not measured.
+"""
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlx_fusion.tracker import _key, _output_size, case_for_pattern, size_bucket  # noqa: E402
+
+
+def main(kind, *paths):
+    best = {}
+    source = set()
+    per_kind = defaultdict(list)
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        source.add(f"{data['device']}, MLX {data['mlx']}")
+        for r in data["results"]:
+            case = case_for_pattern(r["op"])
+            bucket = size_bucket(_output_size(case, tuple(r["shape"])))
+            key = _key(kind, case.pattern, r["dtype"], bucket)
+            best[key] = min(best.get(key, float("inf")), r["speedup"])
+    for key, s in best.items():
+        _, name, dtype, bucket = key.split("|")
+        per_kind[(case_for_pattern(name).kind, dtype, bucket)].append(s)
+    entries = {k: {"speedup": round(v, 3)} for k, v in best.items()}
+    for (k, dtype, bucket), vals in per_kind.items():
+        entries[f"{kind}|*{k}|{dtype}|{bucket}"] = {"speedup": round(statistics.median(vals), 3)}
+    out = Path(__file__).resolve().parent.parent / "mlx_fusion" / "data" / f"priors-{kind}.json"
+    out.write_text(json.dumps({"measured_on": sorted(source), "rule": __doc__.split("\n\n")[2],
+                               "entries": dict(sorted(entries.items()))}, indent=1) + "\n")
+    print(f"{out}: {len(entries)} entries")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
