@@ -18,11 +18,11 @@ DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 def _template_space(name):
     """Template values the ops pass for each kernel (see mlx_fusion/ops)."""
     if name.startswith("binary_activation"):
-        for dt, u in itertools.product(DTYPES, (CUDA_UNROLL, 1)):
+        for dt, u in itertools.product(DTYPES, (CUDA_UNROLL, 1)):  # 16-bit types use U = 1
             yield [("T", dt), ("U", u)]
     else:
-        for dt in DTYPES:
-            yield [("T", dt), ("U", CUDA_UNROLL)]
+        for dt, u in itertools.product(DTYPES, (CUDA_UNROLL, 1)):
+            yield [("T", dt), ("U", u)]
 
 
 @pytest.mark.parametrize("name", sorted(KERNEL_SPECS))

@@ -45,14 +45,19 @@ def elements_per_thread(dtype: mx.Dtype) -> int:
     return 16 // dtype.size
 
 
-# CUDA kernels move CUDA_UNROLL 16-byte vectors per thread per operand (see
-# metal_src/binary_activation.cu); measured on an H100 in docs/performance.md.
+# CUDA kernels move U 16-byte vectors per thread per operand (see
+# metal_src/binary_activation.cu). Measured on an H100 (docs/performance.md):
+# U = 4 is best for float32, U = 1 for the 16-bit types.
 CUDA_UNROLL = int(os.environ.get("MLX_FUSION_CUDA_UNROLL", "4"))
+
+
+def cuda_unroll(dtype: mx.Dtype) -> int:
+    return CUDA_UNROLL if dtype.size >= 4 else 1
 
 
 @lru_cache(maxsize=None)
 def _per_thread(dtype: mx.Dtype, backend: str) -> int:
-    return elements_per_thread(dtype) * (CUDA_UNROLL if backend == "cuda" else 1)
+    return elements_per_thread(dtype) * (cuda_unroll(dtype) if backend == "cuda" else 1)
 
 
 def launch_geometry(n: int, dtype: mx.Dtype, backend: str):
@@ -60,7 +65,7 @@ def launch_geometry(n: int, dtype: mx.Dtype, backend: str):
     threads = -(-n // _per_thread(dtype, backend))
     if threads >= 2**31:
         raise ValueError(f"array of {n} elements is too large for one kernel launch")
-    extra = [("U", CUDA_UNROLL)] if backend == "cuda" else []
+    extra = [("U", cuda_unroll(dtype))] if backend == "cuda" else []
     return (threads, 1, 1), (THREADGROUP, 1, 1), extra
 
 
