@@ -213,14 +213,18 @@ struct FusionBits<__half> {
   }
 };
 
+// bfloat16 is the top half of a float32: widening is a shift, and narrowing
+// rounds to nearest even with integer ops (NaN stays a quiet NaN), so no
+// conversion routine is involved.
 template <>
 struct FusionBits<__nv_bfloat16> {
   static constexpr int per_word = 2;
   __device__ static float get(unsigned w, int i) {
-    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(w >> (16 * i))));
+    return __uint_as_float(i ? (w & 0xffff0000u) : (w << 16));
   }
   __device__ static unsigned put(unsigned w, int i, float v) {
-    unsigned bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    unsigned u = __float_as_uint(v);
+    unsigned bits = isnan(v) ? 0x7fc0u : ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     return (w & ~(0xffffu << (16 * i))) | (bits << (16 * i));
   }
 };

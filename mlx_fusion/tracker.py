@@ -315,6 +315,8 @@ def _priors(kind: str) -> Dict[str, dict]:
 def prior_speedup(pattern, dtype, size: int, device: str) -> Optional[float]:
     """Shipped measurement for this device kind ("cuda", ...): the pattern's own entry at
     this size bucket, else the median of its kind (binary/scalar/linear) there."""
+    if os.environ.get("MLX_FUSION_NO_PRIORS"):  # measure what fusion does without them
+        return None
     kind = device_id(device).split(":")[0]
     entries = _priors(kind)
     if not entries:

@@ -19,7 +19,9 @@ for step in "$@"; do
     bench) python3 benchmarks/ops.py --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>/dev/null | tee "$OUT/bench_gpu.txt" ;;
     models) for spec in ${MODELS:-mlp:width=4096,depth=6,batch=8192,dtype=bfloat16}; do
               COLUMNS=200 python3 -m mlx_fusion bench --model "$spec" --json "$OUT/model-${spec%%:*}.json" 2>&1 \
-                | tee -a "$OUT/models.txt"; done ;;
+                | tee -a "$OUT/models.txt"
+              MLX_FUSION_NO_PRIORS=1 COLUMNS=200 python3 -m mlx_fusion bench --model "$spec" \
+                --json "$OUT/model-${spec%%:*}-nopriors.json" 2>&1 | tee -a "$OUT/models.txt"; done ;;
     *) echo "unknown step $step" ;;
   esac
 done

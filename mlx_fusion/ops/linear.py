@@ -38,23 +38,31 @@ def linear_reference(x, weight, bias=None, activation=None) -> mx.array:
 
 @lru_cache(maxsize=None)
 def _linear_primitive(act: Activation, has_bias: bool):
+    # ReLU's derivative can be read off its output (z > 0 exactly where y > 0),
+    # so the backward keeps only y, which the next layer holds anyway; other
+    # activations keep the pre-activation z as a hidden second output.
+    keep_z = act is not Activation.RELU
+
     def preactivation(x, w, *b):
         # The bias rides in the GEMM (MLX's addmm: an axpby epilogue on Metal,
         # cuBLASLt's bias epilogue on CUDA), so the epilogue kernel is one pass.
         return mx.addmm(b[0], x, w.T) if has_bias else x @ w.T
 
+    def outputs_of(y, z):
+        return (y, z) if keep_z else y
+
     def parts(x, w, *b):
         z = preactivation(x, w, *b)
-        return act.reference(z), z
+        return outputs_of(act.reference(z), z)
 
     # CPU: the activation in float32, as the kernels compute it; mx.compile
     # fuses it into one loop over the GEMM output.
     def cpu_parts(x, w, *b):
         z = preactivation(x, w, *b)
-        return act.reference(f32(z)).astype(z.dtype), z
+        return outputs_of(act.reference(f32(z)).astype(z.dtype), z)
 
-    def dz_of(z, g):
-        return (f32(g) * activation_grad(act, f32(z))).astype(z.dtype)
+    def dz_of(t, g):  # t is z, or y for relu
+        return (f32(g) * activation_grad(act, f32(t))).astype(t.dtype)
 
     cpu_forward = mx.compile(cpu_parts)
     cpu_dz = mx.compile(dz_of)
@@ -65,16 +73,21 @@ def _linear_primitive(act: Activation, has_bias: bool):
         if kernels.kernel_backend() is None:
             return cpu_forward(x, w, *b)
         z = preactivation(x, w, *b)
-        return launch_scalar(act, mx.stop_gradient(z), identity), z
+        # stop_gradient: MLX's jvp must not trace into the kernel (it has none);
+        # this function's own rules stand for it.
+        return outputs_of(launch_scalar(act, mx.stop_gradient(z), identity), z)
 
     @fused.vjp
     def fused_vjp(primals, cotangents, outputs):
         x, w = primals[0], primals[1]
-        g, z = cotangents[0], outputs[1]
-        if kernels.kernel_backend() is None:
-            dz = cpu_dz(z, g)
+        if keep_z:
+            g, t = cotangents[0], outputs[1]
         else:
-            dz = launch_scalar_backward(act, z, identity, g)
+            g, t = (c[0] if isinstance(c, (list, tuple)) else c for c in (cotangents, outputs))
+        if kernels.kernel_backend() is None:
+            dz = cpu_dz(t, g)
+        else:
+            dz = launch_scalar_backward(act, t, identity, g)
         grads = (dz @ w, dz.T @ x)
         if has_bias:
             grads += (dz.sum(axis=0).astype(primals[2].dtype),)
@@ -82,13 +95,15 @@ def _linear_primitive(act: Activation, has_bias: bool):
 
     @fused.jvp
     def fused_jvp(primals, tangents):
-        return list(mx.jvp(parts, list(primals), tangents_for(primals, tangents))[1])
+        out = mx.jvp(parts, list(primals), tangents_for(primals, tangents))[1]
+        return list(out)
 
     @fused.vmap
     def fused_vmap(inputs, axes):
-        return list(mx.vmap(parts, in_axes=tuple(axes))(*inputs)), [0, 0]
+        out = mx.vmap(parts, in_axes=tuple(axes))(*inputs)
+        return (list(out), [0, 0]) if keep_z else (out, 0)
 
-    return fused
+    return fused, keep_z
 
 
 def _empty_linear(x, weight, bias, act, dtype):
@@ -142,5 +157,7 @@ def fused_linear(
     if bias is not None:
         args.append(bias if bias.shape == (out_features,) else mx.broadcast_to(bias, (out_features,)))
     args = [t.astype(dtype) if t.dtype != dtype else t for t in args]
-    y = _linear_primitive(act, bias is not None)(*args)[0]
+    prim, keep_z = _linear_primitive(act, bias is not None)
+    y = prim(*args)
+    y = y[0] if keep_z else y
     return y.reshape(*lead, out_features)
