@@ -259,7 +259,8 @@ def _bench_model(args) -> int:
                       "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}")
     _print_table(out, table)
     out.print("fused = fuse(model, compile=False); fused+compile = fuse(model), the default "
-              "(the fused graph replayed under mx.compile)")
+              "(the fused graph replayed under mx.compile); for fwd+bwd, mx.compile and fused+compile "
+              "compile the whole training step")
     if args.json:
         _write_json(args.json, {**env, "kind": "model",
                                 "model": {"spec": args.model, "parameters": parameter_count(model),

@@ -291,7 +291,8 @@ def _peak_memory(fn: Callable, args: Sequence) -> Tuple[int, int]:
 
 def model_variants(model: Callable) -> Dict[str, Callable]:
     """The forward variants compared by `bench_model`. `fused` replays the fused graph
-    eagerly, `fused+compile` under `mx.compile` (what `fuse()` does by default)."""
+    eagerly, `fused+compile` under `mx.compile` (what `fuse()` does by default); for
+    fwd+bwd, `mx.compile` and `fused+compile` compile the whole training step."""
     from .fuse import fuse
 
     compiled = mx.compile(model, inputs=model.state) if isinstance(model, nn.Module) else mx.compile(model)
@@ -318,11 +319,12 @@ def bench_model(model: Callable, inputs: Sequence[mx.array], backward: bool = Tr
     if backward:
         grad_fns = {}
         for name, fn in forward.items():
-            if name == "mx.compile":  # compile the whole step, as a training loop would
-                vg = _loss_and_grad(model, len(inputs))
+            if name in ("mx.compile", "fused+compile"):  # compile the whole step, as a training loop would
+                target = model if name == "mx.compile" else fn
+                vg = _loss_and_grad(target, len(inputs))
                 # value_and_grad writes tracers into the module: they must be outputs too.
-                grad_fns[name] = (mx.compile(vg, inputs=model.state, outputs=model.state)
-                                  if isinstance(model, nn.Module) else mx.compile(vg))
+                grad_fns[name] = (mx.compile(vg, inputs=target.state, outputs=target.state)
+                                  if isinstance(target, nn.Module) else mx.compile(vg))
             else:
                 grad_fns[name] = _loss_and_grad(fn, len(inputs))
         passes.append(("fwd+bwd", grad_fns))
