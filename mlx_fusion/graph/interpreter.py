@@ -87,6 +87,11 @@ def _equal(ins, p):
     return [mx.equal(a, b)]
 
 
+def _optional(x):
+    """MLX records a missing norm weight/bias as a 0-d placeholder (a real one is 1-D)."""
+    return None if x.ndim == 0 else x
+
+
 def _slice(ins, p):
     start, stop, strides = p
     # Exported bounds are normalized; for a negative stride "before index 0"
@@ -299,8 +304,9 @@ PRIMITIVES: Dict[str, Callable] = {
     "Arange": _arange,
     "RandomBits": _random_bits,
     # mx.fast ops as traced on a GPU (on CPU they arrive decomposed)
-    "RMSNorm": lambda ins, p: [mx.fast.rms_norm(ins[0], ins[1], p[0])],
-    "LayerNorm": lambda ins, p: [mx.fast.layer_norm(ins[0], ins[1], ins[2], p[0])],
+    # On a GPU these arrive as primitives; an absent weight/bias is a 0-d placeholder input.
+    "RMSNorm": lambda ins, p: [mx.fast.rms_norm(ins[0], _optional(ins[1]), p[0])],
+    "LayerNorm": lambda ins, p: [mx.fast.layer_norm(ins[0], _optional(ins[1]), _optional(ins[2]), p[0])],
     "RoPE": _rope,
     "ScaledDotProductAttention": _sdpa,
     # fused nodes written by mlx_fusion.graph.rules
