@@ -125,3 +125,18 @@ def tangents_for(primals, tangents) -> list:
     tangents = [tangents] if isinstance(tangents, mx.array) else list(tangents)
     tangents += [None] * (len(primals) - len(tangents))
     return [mx.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+
+
+def with_reference_rules(fused, reference):
+    """jvp and vmap of a one-output fused primitive by MLX's own transforms of its
+    unfused reference: correct, not fused (forward-mode and batching are rare here)."""
+
+    @fused.jvp
+    def fused_jvp(primals, tangents):
+        return mx.jvp(reference, list(primals), tangents_for(primals, tangents))[1][0]
+
+    @fused.vmap
+    def fused_vmap(inputs, axes):
+        return mx.vmap(reference, in_axes=tuple(axes))(*inputs), 0
+
+    return fused

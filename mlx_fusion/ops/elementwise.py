@@ -29,7 +29,7 @@ from .common import (
     is_fusable_dtype,
     promote,
     sum_to_shape,
-    tangents_for,
+    with_reference_rules,
 )
 
 __all__ = ["fused_binary", "fused_scalar", "binary_reference", "scalar_reference"]
@@ -158,15 +158,7 @@ def _binary_primitive(op: BinaryOp, act: Activation):
             return sum_to_shape(da, a.shape), (db if op is BinaryOp.ADD else -db)
         return sum_to_shape(da, a.shape), sum_to_shape(db, b.shape)
 
-    @fused.jvp
-    def fused_jvp(primals, tangents):
-        return mx.jvp(reference, list(primals), tangents_for(primals, tangents))[1][0]
-
-    @fused.vmap
-    def fused_vmap(inputs, axes):
-        return mx.vmap(reference, in_axes=tuple(axes))(*inputs), 0
-
-    return fused
+    return with_reference_rules(fused, reference)
 
 
 def fused_binary(
@@ -286,15 +278,7 @@ def _scalar_primitive(act: Activation):
         dp = mx.stack([(dz * f32(x)).sum(), dz.sum(), mx.array(0.0)])
         return dx, dp
 
-    @fused.jvp
-    def fused_jvp(primals, tangents):
-        return mx.jvp(reference, list(primals), tangents_for(primals, tangents))[1][0]
-
-    @fused.vmap
-    def fused_vmap(inputs, axes):
-        return mx.vmap(reference, in_axes=tuple(axes))(*inputs), 0
-
-    return fused
+    return with_reference_rules(fused, reference)
 
 
 def _check_number(name: str, v) -> float:
