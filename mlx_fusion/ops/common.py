@@ -140,3 +140,14 @@ def with_reference_rules(fused, reference):
         return mx.vmap(reference, in_axes=tuple(axes))(*inputs), 0
 
     return fused
+
+
+# MLX's CPU compiler emits a scalar tanh that runs slower than its eager
+# vectorized one: gelu_approx forward measured 0.73-0.79x of unfused eager when
+# compiled (docs/data/cpu-cli-quick.txt). The CPU forward path runs those eagerly.
+CPU_EAGER_FORWARD = frozenset({Activation.GELU_APPROX})
+
+
+def cpu_compile(fn, act: Activation):
+    """mx.compile(fn), except for activations whose compiled CPU code is slower."""
+    return fn if act in CPU_EAGER_FORWARD else mx.compile(fn)

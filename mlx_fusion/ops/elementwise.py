@@ -30,6 +30,7 @@ from .common import (
     promote,
     sum_to_shape,
     with_reference_rules,
+    cpu_compile,
 )
 
 __all__ = ["fused_binary", "fused_scalar", "binary_reference", "scalar_reference"]
@@ -124,9 +125,10 @@ def _binary_primitive(op: BinaryOp, act: Activation):
     # CPU: the kernels' math as MLX expressions, in float32 like the kernels
     # (half-precision cancellation in e.g. 1 + tanh(u) would zero gradients);
     # mx.compile fuses each into one loop, so the casts cost no memory traffic.
-    @mx.compile
     def cpu_forward(a, b):
         return reference(f32(a), f32(b)).astype(a.dtype)
+
+    cpu_forward = cpu_compile(cpu_forward, act)
 
     @mx.compile
     def cpu_backward(a, b, g):
@@ -256,7 +258,7 @@ def _scalar_primitive(act: Activation):
     def dz_of(x, p, g):  # in float32, as the kernels compute
         return f32(g) * activation_grad(act, f32(x) * p[0] + p[1])
 
-    cpu_forward = mx.compile(lambda x, p: act.reference(f32(x) * p[0] + p[1]).astype(x.dtype))
+    cpu_forward = cpu_compile(lambda x, p: act.reference(f32(x) * p[0] + p[1]).astype(x.dtype), act)
     cpu_backward = mx.compile(lambda x, p, g: (dz_of(x, p, g) * p[0]).astype(x.dtype))
 
     @mx.custom_function

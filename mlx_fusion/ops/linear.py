@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..patterns import Activation, as_activation
-from .common import activation_grad, f32, is_fusable_dtype, promote, tangents_for
+from .common import activation_grad, cpu_compile, f32, is_fusable_dtype, promote, tangents_for
 from .elementwise import _params, launch_scalar, launch_scalar_backward
 
 __all__ = ["fused_linear", "linear_reference"]
@@ -64,7 +64,7 @@ def _linear_primitive(act: Activation, has_bias: bool):
     def dz_of(t, g):  # t is z, or y for relu
         return (f32(g) * activation_grad(act, f32(t))).astype(t.dtype)
 
-    cpu_forward = mx.compile(cpu_parts)
+    cpu_forward = cpu_compile(cpu_parts, act)
     cpu_dz = mx.compile(dz_of)
     identity = _params(1.0, 0.0, act)
 
