@@ -74,71 +74,6 @@ __device__ __forceinline__ float fusion_activation_grad(int act, float z) {
   }
 }
 
-// The per-element math with op and activation as compile-time constants,
-// and one switch per thread that picks the variant: a switch per element,
-// inlined into fully unrolled loops, made the code large enough to slow
-// 16-bit types down (docs/performance.md).
-template <int OP, int ACT, int N>
-__device__ __forceinline__ void fusion_forward_n(float* x, const float* y) {
-#pragma unroll
-  for (int k = 0; k < N; k++) {
-    x[k] = fusion_activation(ACT, fusion_binary(OP, x[k], y[k]));
-  }
-}
-
-template <int OP, int ACT, int N>
-__device__ __forceinline__ void fusion_dz_n(float* g, const float* x, const float* y) {
-#pragma unroll
-  for (int k = 0; k < N; k++) {
-    g[k] *= fusion_activation_grad(ACT, fusion_binary(OP, x[k], y[k]));
-  }
-}
-
-#define FUSION_DISPATCH(op, act, F, N, ...)                   \
-  switch ((op) * 4 + (act)) {                                 \
-    case 0: F<0, 0, N>(__VA_ARGS__); break;                   \
-    case 1: F<0, 1, N>(__VA_ARGS__); break;                   \
-    case 2: F<0, 2, N>(__VA_ARGS__); break;                   \
-    case 3: F<0, 3, N>(__VA_ARGS__); break;                   \
-    case 4: F<1, 0, N>(__VA_ARGS__); break;                   \
-    case 5: F<1, 1, N>(__VA_ARGS__); break;                   \
-    case 6: F<1, 2, N>(__VA_ARGS__); break;                   \
-    case 7: F<1, 3, N>(__VA_ARGS__); break;                   \
-    case 8: F<2, 0, N>(__VA_ARGS__); break;                   \
-    case 9: F<2, 1, N>(__VA_ARGS__); break;                   \
-    case 10: F<2, 2, N>(__VA_ARGS__); break;                  \
-    case 11: F<2, 3, N>(__VA_ARGS__); break;                  \
-    case 12: F<3, 0, N>(__VA_ARGS__); break;                  \
-    case 13: F<3, 1, N>(__VA_ARGS__); break;                  \
-    case 14: F<3, 2, N>(__VA_ARGS__); break;                  \
-    default: F<3, 3, N>(__VA_ARGS__); break;                  \
-  }
-
-// The same for the scalar kernels, with the activation alone as a constant.
-template <int ACT, int N>
-__device__ __forceinline__ void fusion_affine_n(float* v, float scale, float shift) {
-#pragma unroll
-  for (int k = 0; k < N; k++) {
-    v[k] = fusion_activation(ACT, v[k] * scale + shift);
-  }
-}
-
-template <int ACT, int N>
-__device__ __forceinline__ void fusion_affine_dx_n(float* d, const float* v, float scale, float shift) {
-#pragma unroll
-  for (int k = 0; k < N; k++) {
-    d[k] = d[k] * fusion_activation_grad(ACT, v[k] * scale + shift) * scale;
-  }
-}
-
-#define FUSION_DISPATCH_ACT(act, F, N, ...)  \
-  switch (act) {                             \
-    case 0: F<0, N>(__VA_ARGS__); break;     \
-    case 1: F<1, N>(__VA_ARGS__); break;     \
-    case 2: F<2, N>(__VA_ARGS__); break;     \
-    default: F<3, N>(__VA_ARGS__); break;    \
-  }
-
 // Shape / Strides are MLX's fixed-size arrays passed by value.
 template <typename S>
 __device__ __forceinline__ int64_t fusion_size(const S& shape, int ndim) {
@@ -297,3 +232,124 @@ __device__ __forceinline__ void fusion_store(T* out, int64_t base, int64_t n, co
     }
   }
 }
+
+// ---------------------------------------------------------------------------
+// Whole-kernel loops, one per kernel family, with op and activation as
+// compile-time constants. Each thread classifies the operand layouts once and
+// then walks the array in 16-byte vectors with a grid-stride loop, several
+// vectors per thread: classifying per vector cost 22% of the bandwidth for
+// bfloat16 on an H100, and unrolling several vectors per thread (more
+// registers) cost more than it hid (docs/performance.md).
+// FUSION_DISPATCH picks the instantiation once per thread.
+
+#define FUSION_GRID_LOOP(base, n)                                                  \
+  const int64_t fusion_step = int64_t(gridDim.x) * blockDim.x * W;                  \
+  _Pragma("unroll 1") for (int64_t base = (int64_t(blockIdx.x) * blockDim.x +     \
+                                           threadIdx.x) * W;                       \
+                           base < (n); base += fusion_step)
+
+template <int OP, int ACT, int W, typename T, typename S, typename St>
+__device__ __forceinline__ void fusion_binary_kernel(
+    const T* a, const T* b, T* out, int64_t n,
+    int64_t la, const S& as, const St& ast, int andim,
+    int64_t lb, const S& bs, const St& bst, int bndim) {
+  FUSION_GRID_LOOP(base, n) {
+    float x[W], y[W];
+    fusion_load<W>(x, a, base, n, la, as, ast, andim);
+    fusion_load<W>(y, b, base, n, lb, bs, bst, bndim);
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      x[k] = fusion_activation(ACT, fusion_binary(OP, x[k], y[k]));
+    }
+    fusion_store<W>(out, base, n, x);
+  }
+}
+
+// dz = g * act'(a op b); add/sub write dz to da only, mul/div both operand gradients.
+template <int OP, int ACT, int W, typename T, typename S, typename St>
+__device__ __forceinline__ void fusion_binary_backward_kernel(
+    const T* a, const T* b, const T* g, T* da, T* db, int64_t n,
+    int64_t la, const S& as, const St& ast, int andim,
+    int64_t lb, const S& bs, const St& bst, int bndim,
+    int64_t lg, const S& gs, const St& gst, int gndim) {
+  FUSION_GRID_LOOP(base, n) {
+    float x[W], y[W], d[W];
+    fusion_load<W>(x, a, base, n, la, as, ast, andim);
+    fusion_load<W>(y, b, base, n, lb, bs, bst, bndim);
+    fusion_load<W>(d, g, base, n, lg, gs, gst, gndim);
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      float dz = d[k] * fusion_activation_grad(ACT, fusion_binary(OP, x[k], y[k]));
+      if constexpr (OP == FUSION_MUL) {
+        d[k] = dz * y[k];
+        y[k] = dz * x[k];
+      } else if constexpr (OP == FUSION_DIV) {
+        d[k] = dz / y[k];
+        y[k] = -(dz * x[k]) / (y[k] * y[k]);
+      } else {
+        d[k] = dz;
+      }
+    }
+    fusion_store<W>(da, base, n, d);
+    if constexpr (OP == FUSION_MUL || OP == FUSION_DIV) {
+      fusion_store<W>(db, base, n, y);
+    }
+  }
+}
+
+template <int ACT, int W, typename T, typename S>
+__device__ __forceinline__ void fusion_affine_kernel(
+    const T* x, T* out, int64_t n, float scale, float shift, const S& xs, int xndim) {
+  FUSION_GRID_LOOP(base, n) {
+    float v[W];
+    fusion_load<W>(v, x, base, n, 0, xs, xs, xndim);
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      v[k] = fusion_activation(ACT, v[k] * scale + shift);
+    }
+    fusion_store<W>(out, base, n, v);
+  }
+}
+
+template <int ACT, int W, typename T, typename S>
+__device__ __forceinline__ void fusion_affine_backward_kernel(
+    const T* x, const T* g, T* dx, int64_t n, float scale, float shift, const S& xs, int xndim) {
+  FUSION_GRID_LOOP(base, n) {
+    float v[W], d[W];
+    fusion_load<W>(v, x, base, n, 0, xs, xs, xndim);
+    fusion_load<W>(d, g, base, n, 0, xs, xs, xndim);
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      d[k] = d[k] * fusion_activation_grad(ACT, v[k] * scale + shift) * scale;
+    }
+    fusion_store<W>(dx, base, n, d);
+  }
+}
+
+#define FUSION_DISPATCH(op, act, F, W, ...)  \
+  switch ((op) * 4 + (act)) {                \
+    case 0: F<0, 0, W>(__VA_ARGS__); break;  \
+    case 1: F<0, 1, W>(__VA_ARGS__); break;  \
+    case 2: F<0, 2, W>(__VA_ARGS__); break;  \
+    case 3: F<0, 3, W>(__VA_ARGS__); break;  \
+    case 4: F<1, 0, W>(__VA_ARGS__); break;  \
+    case 5: F<1, 1, W>(__VA_ARGS__); break;  \
+    case 6: F<1, 2, W>(__VA_ARGS__); break;  \
+    case 7: F<1, 3, W>(__VA_ARGS__); break;  \
+    case 8: F<2, 0, W>(__VA_ARGS__); break;  \
+    case 9: F<2, 1, W>(__VA_ARGS__); break;  \
+    case 10: F<2, 2, W>(__VA_ARGS__); break; \
+    case 11: F<2, 3, W>(__VA_ARGS__); break; \
+    case 12: F<3, 0, W>(__VA_ARGS__); break; \
+    case 13: F<3, 1, W>(__VA_ARGS__); break; \
+    case 14: F<3, 2, W>(__VA_ARGS__); break; \
+    default: F<3, 3, W>(__VA_ARGS__); break; \
+  }
+
+#define FUSION_DISPATCH_ACT(act, F, W, ...) \
+  switch (act) {                            \
+    case 0: F<0, W>(__VA_ARGS__); break;    \
+    case 1: F<1, W>(__VA_ARGS__); break;    \
+    case 2: F<2, W>(__VA_ARGS__); break;    \
+    default: F<3, W>(__VA_ARGS__); break;   \
+  }

@@ -7,7 +7,6 @@ import mlx.core as mx
 import pytest
 
 from mlx_fusion.kernels import KERNEL_SPECS, kernel_source
-from mlx_fusion.ops.common import CUDA_UNROLL
 from tests.cuda_shim import PRELUDE, compile_cuda, nvcc, render_cuda_kernel
 
 pytestmark = pytest.mark.skipif(nvcc() is None, reason="nvcc is not on PATH")
@@ -16,13 +15,9 @@ DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
 def _template_space(name):
-    """Template values the ops pass for each kernel (see mlx_fusion/ops)."""
-    if name.startswith("binary_activation"):
-        for dt, u in itertools.product(DTYPES, (CUDA_UNROLL, 1)):  # 16-bit types use U = 1
-            yield [("T", dt), ("U", u)]
-    else:
-        for dt, u in itertools.product(DTYPES, (CUDA_UNROLL, 1)):
-            yield [("T", dt), ("U", u)]
+    """Template values the ops pass for each kernel (see mlx_fusion/ops): the dtype only."""
+    for dt in DTYPES:
+        yield [("T", dt)]
 
 
 @pytest.mark.parametrize("name", sorted(KERNEL_SPECS))

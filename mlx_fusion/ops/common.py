@@ -45,19 +45,18 @@ def elements_per_thread(dtype: mx.Dtype) -> int:
     return 16 // dtype.size
 
 
-# CUDA kernels move U 16-byte vectors per thread per operand (see
-# metal_src/binary_activation.cu). Measured on an H100 (docs/performance.md):
-# U = 4 is best for float32, U = 1 for the 16-bit types.
-CUDA_UNROLL = int(os.environ.get("MLX_FUSION_CUDA_UNROLL", "4"))
-
-
-def cuda_unroll(dtype: mx.Dtype) -> int:
-    return CUDA_UNROLL if dtype.size >= 4 else 1
+# Each CUDA thread walks CUDA_VECTORS[dtype size] 16-byte vectors with a
+# grid-stride loop (metal_src/common.cu): measured best on an H100, 2 for
+# float32 and 4 for the 16-bit types (docs/performance.md). Metal threads handle
+# one vector each. MLX_FUSION_CUDA_VECTORS overrides both (for measuring).
+CUDA_VECTORS = {4: 2, 2: 4}
+if os.environ.get("MLX_FUSION_CUDA_VECTORS"):
+    CUDA_VECTORS = {k: int(os.environ["MLX_FUSION_CUDA_VECTORS"]) for k in CUDA_VECTORS}
 
 
 @lru_cache(maxsize=None)
 def _per_thread(dtype: mx.Dtype, backend: str) -> int:
-    return elements_per_thread(dtype) * (cuda_unroll(dtype) if backend == "cuda" else 1)
+    return elements_per_thread(dtype) * (CUDA_VECTORS.get(dtype.size, 1) if backend == "cuda" else 1)
 
 
 def launch_geometry(n: int, dtype: mx.Dtype, backend: str):
@@ -65,8 +64,7 @@ def launch_geometry(n: int, dtype: mx.Dtype, backend: str):
     threads = -(-n // _per_thread(dtype, backend))
     if threads >= 2**31:
         raise ValueError(f"array of {n} elements is too large for one kernel launch")
-    extra = [("U", cuda_unroll(dtype))] if backend == "cuda" else []
-    return (threads, 1, 1), (THREADGROUP, 1, 1), extra
+    return (threads, 1, 1), (THREADGROUP, 1, 1), []
 
 
 def sum_to_shape(x: mx.array, shape: Sequence[int]) -> mx.array:
