@@ -3,15 +3,18 @@
 // p = (scale, shift, act code).
 constexpr int WPT = 16 / sizeof(T);
 const int64_t n = fusion_size(x_shape, x_ndim);
-const int64_t base = int64_t(thread_position_in_grid.x) * WPT;
 const float scale = p[0];
 const float shift = p[1];
 const int act = int(p[2]);
-for (int k = 0; k < WPT; k++) {
-  const int64_t i = base + k;
-  if (i >= n) {
-    break;
+// Grid-stride loop, as in the CUDA twin: each thread walks several 16-byte chunks.
+const int64_t step = int64_t(threads_per_grid.x) * WPT;
+for (int64_t base = int64_t(thread_position_in_grid.x) * WPT; base < n; base += step) {
+  for (int k = 0; k < WPT; k++) {
+    const int64_t i = base + k;
+    if (i >= n) {
+      break;
+    }
+    float dz = float(g[i]) * fusion_activation_grad(act, float(x[i]) * scale + shift);
+    dx[i] = T(dz * scale);
   }
-  float dz = float(g[i]) * fusion_activation_grad(act, float(x[i]) * scale + shift);
-  dx[i] = T(dz * scale);
 }

@@ -12,7 +12,7 @@ from mlx_fusion.ops import common
 
 
 def set_unroll(u):
-    common.CUDA_VECTORS = {4: u, 2: u}
+    common.GPU_VECTORS = {4: u, 2: u}
     common._per_thread.cache_clear()
 
 
@@ -38,7 +38,7 @@ def main():
                 row.append(f"U={u} fwd {fwd_bytes / tf / 1e9:6.0f} bwd {bwd_bytes / tb / 1e9:6.0f}")
             print(" | ".join(row), flush=True)
     set_unroll(2)
-    common.CUDA_VECTORS = {4: 2, 2: 4}
+    common.GPU_VECTORS = {4: 2, 2: 4}
 
 
 if __name__ == "__main__":

@@ -45,18 +45,18 @@ def elements_per_thread(dtype: mx.Dtype) -> int:
     return 16 // dtype.size
 
 
-# Each CUDA thread walks CUDA_VECTORS[dtype size] 16-byte vectors with a
-# grid-stride loop (metal_src/common.cu): measured best on an H100, 2 for
-# float32 and 4 for the 16-bit types (docs/performance.md). Metal threads handle
-# one vector each. MLX_FUSION_CUDA_VECTORS overrides both (for measuring).
-CUDA_VECTORS = {4: 2, 2: 4}
-if os.environ.get("MLX_FUSION_CUDA_VECTORS"):
-    CUDA_VECTORS = {k: int(os.environ["MLX_FUSION_CUDA_VECTORS"]) for k in CUDA_VECTORS}
+# Each GPU thread walks GPU_VECTORS[dtype size] 16-byte vectors with a
+# grid-stride loop (metal_src/): measured best on an H100, 2 for float32 and 4
+# for the 16-bit types (docs/performance.md); Metal uses the same numbers, untimed.
+# MLX_FUSION_GPU_VECTORS overrides both (for measuring).
+GPU_VECTORS = {4: 2, 2: 4}
+if os.environ.get("MLX_FUSION_GPU_VECTORS"):
+    GPU_VECTORS = {k: int(os.environ["MLX_FUSION_GPU_VECTORS"]) for k in GPU_VECTORS}
 
 
 @lru_cache(maxsize=None)
 def _per_thread(dtype: mx.Dtype, backend: str) -> int:
-    return elements_per_thread(dtype) * (CUDA_VECTORS.get(dtype.size, 1) if backend == "cuda" else 1)
+    return elements_per_thread(dtype) * GPU_VECTORS.get(dtype.size, 1)
 
 
 def launch_geometry(n: int, dtype: mx.Dtype, backend: str):
