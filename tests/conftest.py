@@ -4,12 +4,14 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path_factory, monkeypatch):
-    cache = tmp_path_factory.getbasetemp() / "mlx-fusion-cache"
+def private_cache(tmp_path, monkeypatch):
+    """Each test's own cache directory (tests may take it by name)."""
+    cache = tmp_path / "mlx-fusion-cache"
+    cache.mkdir()
     monkeypatch.setenv("MLX_FUSION_CACHE", str(cache))
     monkeypatch.setenv("MLX_FUSION_COREML_CACHE", str(cache / "coreml"))
     from mlx_fusion import tracker
 
     tracker.reset_default_tracker()
-    yield
+    yield cache
     tracker.reset_default_tracker()

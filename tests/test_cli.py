@@ -11,21 +11,10 @@ import pytest
 
 from mlx_fusion.cli import BENCH_SCHEMA, EXIT_USAGE, graphs_to_dot, main
 from mlx_fusion.models import DEMO_MODELS, EXIT_BAD_SPEC, EXIT_LOAD_FAILED, SpecError, load_spec, parse_spec
-from mlx_fusion.tracker import PerformanceTracker, reset_default_tracker
+from mlx_fusion.tracker import PerformanceTracker
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MLP = "mlp:width=32,depth=2,batch=8"
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """`bench` writes the performance cache: keep it out of the real home directory."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    monkeypatch.setenv("MLX_FUSION_CACHE", str(cache))
-    reset_default_tracker()
-    yield cache
-    reset_default_tracker()
 
 
 def run(capsys, *argv):

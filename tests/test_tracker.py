@@ -23,17 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CPU = device_id("cpu")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Every test gets its own cache directory: nothing reads or writes the real home cache."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    monkeypatch.setenv("MLX_FUSION_CACHE", str(cache))
-    reset_default_tracker()
-    yield cache
-    reset_default_tracker()
-
-
 def fake_result(op="add+relu", shape=(16, 4096), dtype="float32", eager=10.0, compiled=8.0, fused=4.0,
                 pass_="fwd"):
     return BenchResult(op=op, kind="binary", pass_=pass_, shape=shape, dtype=dtype, eager_us=eager,

@@ -13,7 +13,6 @@ from mlx_fusion.ops import common
 
 def set_unroll(u):
     common.GPU_VECTORS = {4: u, 2: u}
-    common._per_thread.cache_clear()
 
 
 def main():

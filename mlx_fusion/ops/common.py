@@ -54,17 +54,12 @@ if os.environ.get("MLX_FUSION_GPU_VECTORS"):
     GPU_VECTORS = {k: int(os.environ["MLX_FUSION_GPU_VECTORS"]) for k in GPU_VECTORS}
 
 
-@lru_cache(maxsize=None)
-def _per_thread(dtype: mx.Dtype, backend: str) -> int:
-    return elements_per_thread(dtype) * GPU_VECTORS.get(dtype.size, 1)
-
-
-def launch_geometry(n: int, dtype: mx.Dtype, backend: str):
-    """(grid, threadgroup, extra template args) for an elementwise kernel over n elements."""
-    threads = -(-n // _per_thread(dtype, backend))
+def launch_geometry(n: int, dtype: mx.Dtype):
+    """(grid, threadgroup) for an elementwise kernel over n elements, on either backend."""
+    threads = -(-n // (elements_per_thread(dtype) * GPU_VECTORS.get(dtype.size, 1)))
     if threads >= 2**31:
         raise ValueError(f"array of {n} elements is too large for one kernel launch")
-    return (threads, 1, 1), (THREADGROUP, 1, 1), []
+    return (threads, 1, 1), (THREADGROUP, 1, 1)
 
 
 def sum_to_shape(x: mx.array, shape: Sequence[int]) -> mx.array:

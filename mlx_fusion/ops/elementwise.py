@@ -70,19 +70,24 @@ def _prod(shape) -> int:
     return n
 
 
+def _run(name: str, inputs, output_shapes, dtype: mx.Dtype, n: int):
+    """Launch kernel `name` over n elements; every output has the compute dtype."""
+    grid, group = launch_geometry(n, dtype)
+    return kernels.get_kernel(name)(
+        inputs=inputs,
+        output_shapes=output_shapes,
+        output_dtypes=[dtype] * len(output_shapes),
+        grid=grid,
+        threadgroup=group,
+        template=[("T", dtype)],
+    )
+
+
 def launch_binary(op: BinaryOp, act: Activation, a: mx.array, b: mx.array, out_shape) -> mx.array:
     """Run the binary_activation kernel; a and b share the output dtype."""
     work = tuple(out_shape) or (1,)
     ak, bk = _operand(a, work), _operand(b, work)
-    grid, group, extra = launch_geometry(_prod(work), a.dtype, kernels.kernel_backend())
-    out = kernels.get_kernel("binary_activation")(
-        inputs=[ak, bk, _mode(op, act)],
-        output_shapes=[work],
-        output_dtypes=[a.dtype],
-        grid=grid,
-        threadgroup=group,
-        template=[("T", a.dtype)] + extra,
-    )[0]
+    out = _run("binary_activation", [ak, bk, _mode(op, act)], [work], a.dtype, _prod(work))[0]
     return out.reshape(out_shape) if work != tuple(out_shape) else out
 
 
@@ -94,15 +99,8 @@ def launch_binary_backward(op: BinaryOp, act: Activation, a, b, g, out_shape):
     if tuple(gk.shape) != work:
         gk = mx.broadcast_to(gk, work)
     two = op in (BinaryOp.MUL, BinaryOp.DIV)
-    grid, group, extra = launch_geometry(_prod(work), a.dtype, kernels.kernel_backend())
-    da, db = kernels.get_kernel("binary_activation_backward")(
-        inputs=[ak, bk, gk, _mode(op, act)],
-        output_shapes=[work, work if two else (1,)],
-        output_dtypes=[a.dtype, a.dtype],
-        grid=grid,
-        threadgroup=group,
-        template=[("T", a.dtype)] + extra,
-    )
+    da, db = _run("binary_activation_backward", [ak, bk, gk, _mode(op, act)],
+                  [work, work if two else (1,)], a.dtype, _prod(work))
     if work != tuple(out_shape):
         da, db = da.reshape(out_shape), (db.reshape(out_shape) if two else db)
     return da, (db if two else None)
@@ -222,32 +220,15 @@ def _params(scale: float, shift: float, act: Activation) -> mx.array:
 
 
 def launch_scalar(act: Activation, x: mx.array, p: mx.array) -> mx.array:
+    """act(x * scale + shift); `act` travels in p[2], the argument documents the call."""
     xk = x.reshape(-1)
-    grid, group, extra = launch_geometry(xk.size, x.dtype, kernels.kernel_backend())
-    out = kernels.get_kernel("scalar_activation")(
-        inputs=[xk, p],
-        output_shapes=[xk.shape],
-        output_dtypes=[x.dtype],
-        grid=grid,
-        threadgroup=group,
-        template=[("T", x.dtype)] + extra,
-    )[0]
-    return out.reshape(x.shape)
+    return _run("scalar_activation", [xk, p], [xk.shape], x.dtype, xk.size)[0].reshape(x.shape)
 
 
 def launch_scalar_backward(act: Activation, x: mx.array, p: mx.array, g: mx.array) -> mx.array:
     xk = x.reshape(-1)
     gk = (g.astype(x.dtype) if g.dtype != x.dtype else g).reshape(-1)
-    grid, group, extra = launch_geometry(xk.size, x.dtype, kernels.kernel_backend())
-    dx = kernels.get_kernel("scalar_activation_backward")(
-        inputs=[xk, p, gk],
-        output_shapes=[xk.shape],
-        output_dtypes=[x.dtype],
-        grid=grid,
-        threadgroup=group,
-        template=[("T", x.dtype)] + extra,
-    )[0]
-    return dx.reshape(x.shape)
+    return _run("scalar_activation_backward", [xk, p, gk], [xk.shape], x.dtype, xk.size)[0].reshape(x.shape)
 
 
 @lru_cache(maxsize=None)
