@@ -353,3 +353,57 @@ __device__ __forceinline__ void fusion_affine_backward_kernel(
     case 2: F<2, W>(__VA_ARGS__); break;    \
     default: F<3, W>(__VA_ARGS__); break;   \
   }
+
+// --- linear_activation: tensor-core tiles for small-M GEMMs -------------------
+// One m16n8k16 MMA (16-bit inputs, float32 accumulate) on 32-bit words holding
+// two elements each. Fragment layouts: PTX ISA, "Matrix Fragments for
+// mma.m16n8k16 with floating point type". Host builds (the CPU shim) never run it.
+template <typename T>
+struct FusionMma;
+
+template <>
+struct FusionMma<__nv_bfloat16> {
+  __device__ static void run(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                             unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+  }
+};
+
+template <>
+struct FusionMma<__half> {
+  __device__ static void run(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                             unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+  }
+};
+
+// Eight consecutive 16-bit elements as one 16-byte word vector (zeros when !ok);
+// element loads where the rows are not 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ uint4 fusion_load8(const T* p, bool ok, bool aligned) {
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (ok) {
+    if (aligned) {
+      v = *reinterpret_cast<const uint4*>(p);
+    } else {
+      const unsigned short* q = reinterpret_cast<const unsigned short*>(p);
+      v.x = q[0] | (unsigned(q[1]) << 16);
+      v.y = q[2] | (unsigned(q[3]) << 16);
+      v.z = q[4] | (unsigned(q[5]) << 16);
+      v.w = q[6] | (unsigned(q[7]) << 16);
+    }
+  }
+  return v;
+}

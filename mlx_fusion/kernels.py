@@ -13,6 +13,7 @@ cheap, but MLX then compiles each template instantiation once and caches it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,8 +37,12 @@ class KernelSpec:
     """What MLX needs to build a kernel besides its source.
 
     elementwise: the kernel is a pure function of the elements of its inputs,
-    so the tests also execute the Metal version on the CPU through the shim.
+    so the tests also execute it on the CPU through the shims (the others use
+    warp/simdgroup collectives and run on a GPU only).
     ensure_row_contiguous: False where the kernel reads strides itself.
+    dtypes: the values of the template type T the ops instantiate.
+    templates: the other template arguments the ops pass, each with every value
+    it takes, so the source tests compile every instantiation.
     """
 
     name: str
@@ -45,6 +50,15 @@ class KernelSpec:
     output_names: Tuple[str, ...]
     elementwise: bool = True
     ensure_row_contiguous: bool = False
+    dtypes: Tuple[str, ...] = ("float32", "float16", "bfloat16")
+    templates: Tuple[Tuple[str, Tuple], ...] = ()
+
+    def instantiations(self):
+        """Every template argument list the ops can pass: [("T", dtype), (name, value), ...]."""
+        names = [n for n, _ in self.templates]
+        for dt in self.dtypes:
+            for values in itertools.product(*(v for _, v in self.templates)):
+                yield [("T", getattr(mx, dt))] + list(zip(names, values))
 
 
 KERNEL_SPECS: Dict[str, KernelSpec] = {
@@ -58,6 +72,11 @@ KERNEL_SPECS: Dict[str, KernelSpec] = {
         # act(x * p[0] + p[1]); p = (scale, shift, activation code), float32.
         KernelSpec("scalar_activation", ("x", "p"), ("out",), ensure_row_contiguous=True),
         KernelSpec("scalar_activation_backward", ("x", "p", "g"), ("dx",), ensure_row_contiguous=True),
+        # z = x @ w.T + b, out = act(z) for M <= 16 * MT rows (tensor-core tiles
+        # on CUDA); p as for scalar_activation. b is read only when HAS_BIAS.
+        KernelSpec("linear_activation", ("x", "w", "b", "p"), ("out", "z"), elementwise=False,
+                   ensure_row_contiguous=True, dtypes=("float16", "bfloat16"),
+                   templates=(("MT", (1, 2)), ("NT", (2, 4)), ("HAS_BIAS", (False, True)))),
     )
 }
 

@@ -1,8 +1,6 @@
 """The CUDA twins compile (nvcc, sm_90) in the exact form MLX's cuda_kernel
 generates. Running them needs a GPU: see docs/testing.md for the H100 runs."""
 
-import itertools
-
 import mlx.core as mx
 import pytest
 
@@ -11,21 +9,12 @@ from tests.cuda_shim import PRELUDE, compile_cuda, nvcc, render_cuda_kernel
 
 pytestmark = pytest.mark.skipif(nvcc() is None, reason="nvcc is not on PATH")
 
-DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-
-
-def _template_space(name):
-    """Template values the ops pass for each kernel (see mlx_fusion/ops): the dtype only."""
-    for dt in DTYPES:
-        yield [("T", dt)]
-
-
 @pytest.mark.parametrize("name", sorted(KERNEL_SPECS))
 def test_cuda_kernel_compiles(name):
     spec = KERNEL_SPECS[name]
     header, body = kernel_source(name, "cuda")
     units = [PRELUDE + header]
-    for i, template in enumerate(_template_space(name)):
+    for i, template in enumerate(spec.instantiations()):
         dt = template[0][1]
         in_dtypes = [mx.float32 if n == "p" else mx.int32 if n == "m" else dt for n in spec.input_names]
         units.append(render_cuda_kernel(

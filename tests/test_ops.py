@@ -238,6 +238,19 @@ def test_nan_gradients_propagate(case):
         np.testing.assert_array_equal(np.isnan(np.array(gf)), np.isnan(np.array(gr)))
 
 
+def launches_kernel(fn, args) -> bool:
+    """Does fn(*args) run an mlx-fusion GPU kernel? (Linear at large M uses MLX's
+    own elementwise code on a GPU, see ops/linear.py; on the CPU nothing does.)"""
+    launched = []
+    real = kernels.get_kernel
+    kernels.get_kernel = lambda name: launched.append(name) or real(name)
+    try:
+        mx.eval(fn(*args))
+    finally:
+        kernels.get_kernel = real
+    return bool(launched)
+
+
 @pytest.mark.parametrize("case", FUSED_OPS, ids=ids)
 def test_jvp_and_vmap(case):
     args = case.make_inputs(shape_for(case), key=mx.random.key(9))
@@ -246,7 +259,7 @@ def test_jvp_and_vmap(case):
     (_,), (tr,) = mx.jvp(case.reference, args, tangents)
     assert_close(tf, tr, GRAD_TOL[mx.float32], "jvp")
     batched = [mx.stack([a, a * 0.5 + 0.1, -a]) for a in args]
-    if kernels.kernel_backend() is not None and not (case.kind == "linear" and case.pattern.activation is None):
+    if launches_kernel(case.fused, args):
         # Known limitation (docs/ops.md): MLX 0.32's vmap walks into a custom_function's
         # forward graph, and a CustomKernel there has no vmap rule of its own.
         with pytest.raises(ValueError, match="vmap"):
@@ -393,3 +406,72 @@ def test_linear_property(m, k, n, act, bias, dtype):
     r = lambda *a: ops.linear_reference(a[0], a[1], a[2] if bias else None, act)  # noqa: E731
     args = [x, w] + ([b] if bias else [])
     check_against_reference(f, r, args, dtype)
+
+
+# Shapes for the small-M kernel (linear_activation, on a GPU): M around the 16-row
+# tiles, K a multiple of 8 with full and partial 256-wide chunks, N around the
+# 16-column blocks. On the CPU they exercise the CPU path like any other shape.
+SMALL_M_SHAPES = [(1, 8, 1), (1, 4096, 40), (5, 40, 13), (16, 64, 16), (17, 200, 33), (32, 512, 100),
+                  (33, 24, 7), (64, 136, 24)]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("act", list(Activation), ids=lambda a: a.value)
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,n", SMALL_M_SHAPES, ids=str)
+def test_linear_small_m(m, k, n, dtype, act, bias, monkeypatch):
+    from mlx_fusion.ops import linear as linear_mod
+
+    launched = []
+    real = kernels.get_kernel
+    monkeypatch.setattr(kernels, "get_kernel", lambda name: launched.append(name) or real(name))
+    keys = mx.random.split(mx.random.key(m * 7 + k + n), 3)
+    x = mx.random.normal((m, k), key=keys[0]).astype(dtype)
+    w = (mx.random.normal((n, k), key=keys[1]) / math.sqrt(k)).astype(dtype)
+    b = mx.random.normal((n,), key=keys[2]).astype(dtype) if bias else None
+    f = lambda *a: ops.fused_linear(a[0], a[1], a[2] if bias else None, act)  # noqa: E731
+    r = lambda *a: ops.linear_reference(a[0], a[1], a[2] if bias else None, act)  # noqa: E731
+    check_against_reference(f, r, [x, w] + ([b] if bias else []), dtype)
+    if kernels.kernel_backend() is not None:
+        assert ("linear_activation" in launched) == linear_mod.small_m_eligible(m, k, dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
+def test_linear_small_m_unaligned_rows(dtype):
+    """x and w starting one element into their buffers (not 16-byte aligned)."""
+    x = mx.random.normal((3 * 24 + 1,), key=mx.random.key(1)).astype(dtype)[1:].reshape(3, 24)
+    w = (mx.random.normal((10 * 24 + 1,), key=mx.random.key(2)) / 5).astype(dtype)[1:].reshape(10, 24)
+    b = mx.random.normal((10,), key=mx.random.key(3)).astype(dtype)
+    # Values only, reference on aligned copies: MLX 0.32.4's CUDA matmul (cuBLASLt)
+    # fails on such views itself (status 15), in the reference and in any backward.
+    check_against_reference(lambda *a: ops.fused_linear(*a, "silu"),
+                            lambda *a: ops.linear_reference(*(t + 0 for t in a), "silu"), [x, w, b], dtype,
+                            grads_too=False)
+
+
+def test_small_m_eligibility():
+    from mlx_fusion.ops.linear import SMALL_M_ROWS, small_m_eligible
+
+    assert small_m_eligible(1, 4096, mx.bfloat16) == (SMALL_M_ROWS >= 1)
+    assert not small_m_eligible(1, 4095, mx.bfloat16)  # rows must be whole 16-byte vectors
+    assert not small_m_eligible(1, 4096, mx.float32)  # tensor-core tiles take 16-bit inputs
+    assert not small_m_eligible(33, 4096, mx.float16)  # two 16-row tiles at most
+    assert not small_m_eligible(0, 4096, mx.float16)
+
+
+@pytest.mark.skipif(kernels.kernel_backend() is None, reason="GPU kernels only: 2^31 + 32 elements, ~25 GiB")
+def test_indexing_beyond_2_31_elements():
+    """64-bit indexing: an output of 2^31 + 32 bfloat16 elements with a row-broadcast
+    operand (element i reads b[i % 16]); rows past 2^31 / 16 are checked exactly."""
+    rows = 2**27 + 2  # x 16 columns = 2^31 + 32 elements
+    a = ((mx.arange(rows, dtype=mx.int32) % 251)[:, None] + mx.arange(16, dtype=mx.int32)) % 251
+    a = a.astype(mx.bfloat16)  # small integers: exact in bfloat16
+    b = -(mx.arange(16, dtype=mx.int32) * 16).astype(mx.bfloat16)
+    mx.eval(a, b)
+    out = ops.fused_binary(a, b, "add", "relu")
+    scaled = ops.fused_scalar(a, 2.0, -100.0, "relu")
+    mx.eval(out, scaled)
+    for lo in (0, 2**27 - 3, rows - 3):  # first rows, rows around element 2^31, last rows
+        sl = slice(lo, lo + 3)
+        assert mx.array_equal(out[sl], mx.maximum(a[sl] + b, 0)), lo
+        assert mx.array_equal(scaled[sl], mx.maximum(a[sl] * 2 - 100, 0)), lo

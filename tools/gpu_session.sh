@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session (NVIDIA H100/H200 through MLX's CUDA backend).
-#   bash tools/gpu_session.sh STEP...   steps: unroll, tests, bench, models
+#   bash tools/gpu_session.sh STEP...   steps: unroll, tests, bench, models, linear, ncu
 # (env: TESTS, TESTS_K for pytest; BENCH_ARGS for benchmarks/ops.py; MODELS for bench --model)
 # Expects .device/mlx-cuda (python3 ../shared/tools/mlx_cuda_bundle.py) and $OUT.
 # MLX's JIT cache travels in .device/ptx (saved back to $OUT/ptx.tgz) so later
@@ -22,6 +22,12 @@ for step in "$@"; do
                 | tee -a "$OUT/models.txt"
               MLX_FUSION_NO_PRIORS=1 COLUMNS=200 python3 -m mlx_fusion bench --model "$spec" \
                 --json "$OUT/model-${spec%%:*}-nopriors.json" 2>&1 | tee -a "$OUT/models.txt"; done ;;
+    linear) python3 tools/gpu_linear_probe.py ${PROBE_PARTS:-} 2>&1 | tee "$OUT/linear_probe.txt" ;;
+    ncu) for v in compile small_m; do for m in 1 32; do
+           echo "=== $v M=$m N=4096" >> "$OUT/ncu.txt"
+           PROBE_VARIANT=$v PROBE_M=$m ncu --clock-control none --print-summary per-kernel \
+             --metrics gpu__time_duration.sum python3 tools/gpu_linear_probe.py ncu_target >> "$OUT/ncu.txt" 2>&1
+         done; done; grep -E "===|Kernel|kernel|gpu__time_duration" "$OUT/ncu.txt" | head -60 ;;
     *) echo "unknown step $step" ;;
   esac
 done

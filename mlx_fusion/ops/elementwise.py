@@ -221,14 +221,13 @@ def _params(scale: float, shift: float, act: Activation) -> mx.array:
 
 def launch_scalar(act: Activation, x: mx.array, p: mx.array) -> mx.array:
     """act(x * scale + shift); `act` travels in p[2], the argument documents the call."""
-    xk = x.reshape(-1)
-    return _run("scalar_activation", [xk, p], [xk.shape], x.dtype, xk.size)[0].reshape(x.shape)
+    # x keeps its shape: a flat view of more than 2^31 elements is not an MLX shape.
+    return _run("scalar_activation", [x, p], [x.shape], x.dtype, x.size)[0]
 
 
 def launch_scalar_backward(act: Activation, x: mx.array, p: mx.array, g: mx.array) -> mx.array:
-    xk = x.reshape(-1)
-    gk = (g.astype(x.dtype) if g.dtype != x.dtype else g).reshape(-1)
-    return _run("scalar_activation_backward", [xk, p, gk], [xk.shape], x.dtype, xk.size)[0].reshape(x.shape)
+    g = g.astype(x.dtype) if g.dtype != x.dtype else g
+    return _run("scalar_activation_backward", [x, p, g], [x.shape], x.dtype, x.size)[0]
 
 
 @lru_cache(maxsize=None)
