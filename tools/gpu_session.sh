@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session (NVIDIA H100/H200 through MLX's CUDA backend).
 #   bash tools/gpu_session.sh STEP...   steps: unroll, tests, bench, models, linear, ncu
-# (env: TESTS, TESTS_K for pytest; BENCH_ARGS for benchmarks/ops.py; MODELS for bench --model)
+# (env: TESTS, TESTS_K for pytest; BENCH_ARGS, BENCH_NAME for benchmarks/ops.py; MODELS for bench --model)
 # Expects .device/mlx-cuda (python3 ../shared/tools/mlx_cuda_bundle.py) and $OUT.
 # MLX's JIT cache travels in .device/ptx (saved back to $OUT/ptx.tgz) so later
 # sessions skip the kernel compiles.
@@ -16,7 +16,7 @@ for step in "$@"; do
     unroll) python3 tools/gpu_unroll.py 2>&1 | tee "$OUT/unroll.txt" ;;
     tests) timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_ops.py} \
              ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
-    bench) python3 benchmarks/ops.py --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>/dev/null | tee "$OUT/bench_gpu.txt" ;;
+    bench) python3 benchmarks/ops.py --json "$OUT/${BENCH_NAME:-bench_gpu}.json" ${BENCH_ARGS:-} 2>/dev/null | tee "$OUT/${BENCH_NAME:-bench_gpu}.txt" ;;
     models) for spec in ${MODELS:-mlp:width=4096,depth=6,batch=8192,dtype=bfloat16}; do
               COLUMNS=200 python3 -m mlx_fusion bench --model "$spec" --json "$OUT/model-${spec%%:*}.json" 2>&1 \
                 | tee -a "$OUT/models.txt"
