@@ -31,4 +31,4 @@ for step in "$@"; do
     *) echo "unknown step $step" ;;
   esac
 done
-tar czf "$OUT/ptx.tgz" -C .device ptx
+[ -n "${NO_PTX:-}" ] || tar czf "$OUT/ptx.tgz" -C .device ptx  # NO_PTX=1: one file fewer back
