@@ -102,13 +102,21 @@ def _linear_primitive(act: Activation, has_bias: bool):
         z = preactivation(x, w, *b)
         return outputs_of(act.reference(z), z)
 
-    # The activation in float32, as the kernels compute it; mx.compile fuses it
-    # into one loop over the GEMM output (the CPU path, and the GPU path at large M).
+    # MLX's own elementwise code (the CPU path, and the GPU path at large M);
+    # mx.compile fuses each into one loop. The forward activation runs in the
+    # input dtype, as the unfused expression computes it: where the step is not
+    # compiled (and on the CPU under autodiff, where the inner compile is
+    # skipped) float32 temporaries here would live until the backward pass
+    # (bf16 MLP on the CPU: 2x the unfused eager peak). ReLU's derivative is a
+    # select, exact in any dtype; the others are taken in float32, like the
+    # kernels: their closed forms cancel badly in bfloat16.
     def mlx_parts(x, w, *b):
         z = preactivation(x, w, *b)
-        return outputs_of(act.reference(f32(z)).astype(z.dtype), z)
+        return outputs_of(act.reference(z), z)
 
     def dz_of(t, g):  # t is z, or y for relu
+        if not keep_z:
+            return mx.where(t > 0, g.astype(t.dtype), mx.zeros((), t.dtype))
         return (f32(g) * activation_grad(act, f32(t))).astype(t.dtype)
 
     mlx_forward = cpu_compile(mlx_parts, act)
