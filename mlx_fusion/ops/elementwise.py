@@ -219,15 +219,23 @@ def _params(scale: float, shift: float, act: Activation) -> mx.array:
     return p
 
 
+def _kernel_view(x: mx.array) -> mx.array:
+    """x as the scalar kernels take it: its own shape, except 0-d as (1,) (MLX's
+    CUDA kernels get no x_shape for a 0-d input). Not flattened: a flat view of
+    more than 2^31 elements is not an MLX shape."""
+    return x.reshape(1) if x.ndim == 0 else x
+
+
 def launch_scalar(act: Activation, x: mx.array, p: mx.array) -> mx.array:
     """act(x * scale + shift); `act` travels in p[2], the argument documents the call."""
-    # x keeps its shape: a flat view of more than 2^31 elements is not an MLX shape.
-    return _run("scalar_activation", [x, p], [x.shape], x.dtype, x.size)[0]
+    xk = _kernel_view(x)
+    return _run("scalar_activation", [xk, p], [xk.shape], x.dtype, x.size)[0].reshape(x.shape)
 
 
 def launch_scalar_backward(act: Activation, x: mx.array, p: mx.array, g: mx.array) -> mx.array:
-    g = g.astype(x.dtype) if g.dtype != x.dtype else g
-    return _run("scalar_activation_backward", [x, p, g], [x.shape], x.dtype, x.size)[0]
+    xk = _kernel_view(x)
+    gk = _kernel_view(g.astype(x.dtype) if g.dtype != x.dtype else g)
+    return _run("scalar_activation_backward", [xk, p, gk], [xk.shape], x.dtype, x.size)[0].reshape(x.shape)
 
 
 @lru_cache(maxsize=None)
