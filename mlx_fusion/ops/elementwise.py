@@ -146,10 +146,21 @@ def _binary_primitive(op: BinaryOp, act: Activation):
         return launch_binary(op, act, mx.stop_gradient(a), mx.stop_gradient(b),
                              mx.broadcast_shapes(a.shape, b.shape))
 
+    # add/sub + ReLU: relu'(a op b) is read off the output (z > 0 exactly where
+    # y > 0), so the backward reads y and g instead of a, b and g.
+    relu_from_output = act is Activation.RELU and op in (BinaryOp.ADD, BinaryOp.SUB)
+    relu_params = _params(1.0, 0.0, act) if relu_from_output else None
+    cpu_relu_backward = mx.compile(lambda y, g: (f32(g) * activation_grad(act, y)).astype(y.dtype))
+
     @fused.vjp
     def fused_vjp(primals, cotangent, output):
         a, b = primals
-        if kernels.kernel_backend() is None:
+        if relu_from_output:
+            if kernels.kernel_backend() is None:
+                da, db = cpu_relu_backward(output, cotangent), None
+            else:
+                da, db = launch_scalar_backward(act, output, relu_params, cotangent), None
+        elif kernels.kernel_backend() is None:
             da, db = cpu_backward(a, b, cotangent)
         else:
             da, db = launch_binary_backward(op, act, a, b, cotangent, output.shape)
