@@ -188,11 +188,13 @@ def copy_bandwidth(n: int, dtype=mx.float32, **timing) -> float:
 
 
 def _vjp_fn(fn: Callable):
-    """fwd+bwd of fn with a fixed cotangent: what a training step asks of the op."""
+    """fwd+bwd of fn with a fixed cotangent: what a training step asks of the op.
+    The output is returned too: a training step needs it (the next layer reads it),
+    and without it MLX drops the forward pass and times the backward alone."""
 
     def run(*args):
-        _, vjps = mx.vjp(fn, list(args[:-1]), [args[-1]])
-        return vjps
+        outs, vjps = mx.vjp(fn, list(args[:-1]), [args[-1]])
+        return outs + vjps
 
     return run
 
