@@ -291,7 +291,7 @@ def cmd_inspect(args) -> int:
         return EXIT_TRACE
     overrides = {} if args.min_size is None else {"min_tensor_size": args.min_size}
     with fusion_config(**overrides):
-        opt = FusionOptimizer()
+        opt = FusionOptimizer(compiled_replay=True)  # as fuse() does by default
         opps = opt.detect_opportunities(before)
         after = before.copy()
         stats = opt.apply_fusions(after, opps)

@@ -51,10 +51,25 @@ Y = mx.random.normal((8, 4), key=mx.random.key(1))
 def test_fused_function_matches_and_fuses():
     w, b = mx.random.normal((32, 16)), mx.random.normal((32,))
     fn = lambda x, s: nn.relu(x @ w.T + b) * s + 1.0
-    f = fuse(fn, ALL)
+    f = fuse(fn, ALL, compile=False)
     close(f(X, mx.array(2.0)), fn(X, mx.array(2.0)))
     assert f.stats.applied_count >= 1 and len(f.graphs) == 1
     assert "FusedLinear" in f.graphs[0].op_counts()
+
+
+def test_compiled_replay_leaves_chains_into_elementwise_ops_to_mx_compile():
+    """Under mx.compile the ReLU would merge into the `* s + 1` kernel: fusing
+    linear+relu there would add a pass. A fusion whose output is returned, or read
+    by a non-elementwise op, is still taken."""
+    w, b = mx.random.normal((32, 16)), mx.random.normal((32,))
+    into_mul = lambda x, s: nn.relu(x @ w.T + b) * s + 1.0  # noqa: E731
+    returned = lambda x: nn.relu(x @ w.T + b)  # noqa: E731
+    into_matmul = lambda x: nn.relu(x @ w.T + b) @ w  # noqa: E731
+    for fn, args, fused in [(into_mul, (X, mx.array(2.0)), False), (returned, (X,), True),
+                            (into_matmul, (X,), True)]:
+        f = fuse(fn, ALL)
+        close(f(*args), fn(*args))
+        assert ("FusedLinear" in f.graphs[0].op_counts()) == fused, fn
 
 
 def test_pytree_and_kwargs_calls():

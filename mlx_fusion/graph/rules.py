@@ -29,12 +29,19 @@ from ..patterns import (Activation, BinaryActivation, BinaryOp, LinearLayer, Sca
 from .ir import Graph, Node, Value
 
 __all__ = ["Pat", "Any", "Const", "Match", "MatchContext", "Rule", "RuleSet", "ACTIVATIONS",
-           "RULES", "FUSIBLE_DTYPES", "VIEW_OPS", "legality"]
+           "RULES", "FUSIBLE_DTYPES", "VIEW_OPS", "ELEMENTWISE_OPS", "legality"]
 
 FUSIBLE_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # Ops that make a view, not a kernel launch: looked through, or kept only when still used.
 VIEW_OPS = frozenset({"Broadcast", "Transpose", "Reshape", "Flatten", "Unflatten"})
 COMMUTATIVE = frozenset({"Add", "Multiply", "Maximum", "Minimum"})
+# Elementwise primitives: what mx.compile merges into one kernel with its neighbours.
+ELEMENTWISE_OPS = frozenset({
+    "Abs", "Add", "ArcTan", "AsType", "Ceil", "Cos", "Divide", "Equal", "Erf", "ErfInv", "Exp",
+    "Expm1", "Floor", "Greater", "GreaterEqual", "Less", "LessEqual", "Log", "Log1p", "LogicalAnd",
+    "LogicalNot", "LogicalOr", "Maximum", "Minimum", "Multiply", "Negative", "NotEqual", "Power",
+    "Remainder", "Round", "Rsqrt", "Select", "Sigmoid", "Sign", "Sin", "Sqrt", "Square",
+    "Subtract", "Tan", "Tanh"})
 _EPS = {mx.float32: 2.0**-23, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}
 
 
