@@ -13,6 +13,10 @@ import mlx.optimizers as optim
 from mlx_fusion.config import FusionConfig
 from mlx_fusion.fuse import fuse, stats
 
+NO_FUSION_NOTE = ("(0 fusions: measured or shipped speedups (mlx_fusion/data/priors-*.json), or a chain ending\n"
+                  " in ops mx.compile merges anyway, left MLX's own path here: docs/cli.md, 'The performance\n"
+                  " cache'; MLX_FUSION_NO_PRIORS=1 lets the bandwidth model decide)")
+
 
 class MLP(nn.Module):
     def __init__(self, dims=(64, 256, 256, 10)):
@@ -68,6 +72,8 @@ def main(steps: int = 50):
     s = stats()
     print(f"fusions: {s['applied_count']}  by pattern: {s['by_pattern']}  "
           f"memory saved per call: {s['memory_saved_bytes']} B  fallbacks: {s['fallbacks']}")
+    if s['applied_count'] == 0:
+        print(NO_FUSION_NOTE)
     return results
 
 

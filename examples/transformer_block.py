@@ -12,6 +12,10 @@ from mlx_fusion.config import FusionConfig
 from mlx_fusion.fuse import fuse
 from mlx_fusion.models import TransformerBlock  # RMSNorm, RoPE, SDPA, gated SiLU MLP
 
+NO_FUSION_NOTE = ("(0 fusions: measured or shipped speedups (mlx_fusion/data/priors-*.json), or a chain ending\n"
+                  " in ops mx.compile merges anyway, left MLX's own path here: docs/cli.md, 'The performance\n"
+                  " cache'; MLX_FUSION_NO_PRIORS=1 lets the bandwidth model decide)")
+
 
 def median_time(fn, x, n=50):
     for _ in range(5):
@@ -37,6 +41,8 @@ def main(n: int = 50):
     graph = fused.fusion_graphs[0]
     print(f"graph: {len(graph)} nodes, ops {dict(sorted(graph.op_counts().items()))}")
     print(f"fusion stats: {fused.fusion_stats.as_dict()}  fallbacks: {fused.fusion_fallbacks}")
+    if fused.fusion_stats.applied_count == 0:
+        print(NO_FUSION_NOTE)
     return fused.fusion_stats
 
 

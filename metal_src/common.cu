@@ -361,33 +361,27 @@ __device__ __forceinline__ void fusion_affine_backward_kernel(
 template <typename T>
 struct FusionMma;
 
-template <>
-struct FusionMma<__nv_bfloat16> {
-  __device__ static void run(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                             unsigned b0, unsigned b1) {
 #if defined(__CUDA_ARCH__)
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#define FUSION_MMA_ASM(PTX)                                                                   \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX                          \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"               \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                              \
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+#define FUSION_MMA_ASM(PTX)
 #endif
-  }
-};
 
-template <>
-struct FusionMma<__half> {
-  __device__ static void run(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                             unsigned b0, unsigned b1) {
-#if defined(__CUDA_ARCH__)
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-  }
-};
+#define FUSION_MMA(CT, PTX)                                                                   \
+  template <>                                                                                 \
+  struct FusionMma<CT> {                                                                      \
+    __device__ static void run(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,  \
+                               unsigned b0, unsigned b1) {                                    \
+      FUSION_MMA_ASM(PTX)                                                                     \
+    }                                                                                         \
+  };
+
+FUSION_MMA(__nv_bfloat16, "bf16")
+FUSION_MMA(__half, "f16")
 
 // Eight consecutive 16-bit elements as one 16-byte word vector (zeros when !ok);
 // element loads where the rows are not 16-byte aligned.

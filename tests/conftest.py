@@ -10,6 +10,9 @@ def private_cache(tmp_path, monkeypatch):
     cache.mkdir()
     monkeypatch.setenv("MLX_FUSION_CACHE", str(cache))
     monkeypatch.setenv("MLX_FUSION_COREML_CACHE", str(cache / "coreml"))
+    # Tests check what the optimizer does, not what this machine measured: the shipped
+    # priors (mlx_fusion/data/priors-*.json) are off unless a test turns them on.
+    monkeypatch.setenv("MLX_FUSION_NO_PRIORS", "1")
     from mlx_fusion import tracker
 
     tracker.reset_default_tracker()

@@ -215,15 +215,22 @@ def test_benchmark_pattern_rejects_unknown_patterns():
         PerformanceTracker().benchmark_pattern("pow+relu", 4096)
 
 
-def test_shipped_priors_decide_on_cuda_when_nothing_is_measured():
+def test_shipped_priors_decide_when_nothing_is_measured(monkeypatch):
     """The H100 measurements shipped in mlx_fusion/data/priors-cuda.json: bf16 add+relu at
-    16M elements was slower than mx.compile there, so it is not fused by default."""
+    16M elements was slower than mx.compile forward there, so it is not fused by default;
+    likewise the CPU ones (priors-cpu.json) for mul+gelu, whose recomputing backward loses
+    on a compute-bound CPU."""
     from mlx_fusion.patterns import Activation, BinaryActivation, BinaryOp
     from mlx_fusion.tracker import prior_speedup
+
+    monkeypatch.delenv("MLX_FUSION_NO_PRIORS")
 
     slow = prior_speedup(BinaryActivation(BinaryOp.ADD, Activation.RELU), "bfloat16", 2**24, "cuda")
     assert slow is not None and slow < 1.0
     # an unmeasured pattern falls back to the median of its kind at that size
     other = prior_speedup(BinaryActivation(BinaryOp.ADD, Activation.SILU), "bfloat16", 2**24, "cuda")
     assert other is not None
-    assert prior_speedup(BinaryActivation(BinaryOp.ADD, Activation.RELU), "float32", 2**24, "cpu") is None
+    assert prior_speedup(BinaryActivation(BinaryOp.MUL, Activation.GELU), "float32", 2**20, "cpu") < 1.0
+    assert prior_speedup(BinaryActivation(BinaryOp.ADD, Activation.RELU), "float32", 2**24, "metal") is None
+    monkeypatch.setenv("MLX_FUSION_NO_PRIORS", "1")
+    assert prior_speedup(BinaryActivation(BinaryOp.ADD, Activation.RELU), "bfloat16", 2**24, "cuda") is None
