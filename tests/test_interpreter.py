@@ -138,22 +138,3 @@ def test_fused_entry_checks_ops_at_plan_time(monkeypatch):
     params = {"pattern": None, "op": BinaryOp.ADD, "activation": Activation.RELU}
     with pytest.raises(UnsupportedPrimitive, match="fused_binary"):
         plan(one_node_graph("FusedBinary", [x, x], (2, 2), params))
-
-
-def test_elementwise_op_reads_a_broadcast_scalar_as_the_scalar():
-    """nn.relu traces as Maximum(x, Broadcast(0)): the eager replay hands Maximum the 0-d
-    constant (MLX's scalar fast path), not the stride-0 view; values are unchanged, and an
-    op with no full-shape operand keeps the broadcast."""
-    x = mx.random.normal((4, 8))
-    g = trace(lambda t: nn.relu(t) + mx.broadcast_to(mx.array(2.0), (4, 8)) * mx.array(3.0), x)
-    r = Replay(g, compile=False)
-    np.testing.assert_allclose(np.array(r([x])[0]), np.array(nn.relu(x) + 6.0), rtol=1e-6)
-    produced_by = {}
-    for node, _, ins, outs, _ in r.steps:
-        for i in outs:
-            produced_by[i] = node.op
-    maximum = next((ins for node, _, ins, _, _ in r.steps if node.op == "Maximum"))
-    assert all(produced_by.get(i) != "Broadcast" for i in maximum)
-    multiply = next((ins for node, _, ins, _, _ in r.steps if node.op == "Multiply"), None)
-    if multiply is not None:  # both operands one-element broadcasts: nothing has the full shape
-        assert any(produced_by.get(i) == "Broadcast" for i in multiply)

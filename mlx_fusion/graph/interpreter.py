@@ -21,7 +21,6 @@ from typing import Callable, Dict, List, Sequence
 import mlx.core as mx
 
 from .ir import Graph, Value
-from .rules import ELEMENTWISE_OPS
 
 __all__ = ["PRIMITIVES", "UnsupportedPrimitive", "register_primitive", "plan", "Replay", "run_graph"]
 
@@ -365,7 +364,6 @@ class Replay:
                           for n, a in graph.constants.items()]
         self.steps = []
         random = set(graph.meta.get("rng_inputs", ()))  # values derived from the global key
-        one_element = _broadcast_one_element_sources(graph)
         for node in graph.nodes:
             if any(v.name in random for v in node.inputs):
                 random.update(v.name for v in node.outputs)
@@ -379,8 +377,7 @@ class Replay:
             if hasattr(fn, "check"):
                 fn.check(node)
             kw = {"outputs": node.outputs} if getattr(fn, "wants_outputs", False) else {}
-            ins = [slot(v) for v in _unbroadcast_inputs(node, one_element)]
-            self.steps.append((node, fn, ins, [slot(v) for v in node.outputs], kw))
+            self.steps.append((node, fn, [slot(v) for v in node.inputs], [slot(v) for v in node.outputs], kw))
         self.output_slots = [slots[v.name] for v in graph.outputs]
         self.num_slots = len(slots)
         # Random-key inputs are the last graph inputs (trace.py appends them).
@@ -413,26 +410,6 @@ class Replay:
                 inputs.append(mx.random.state[0])
                 mx.random.uniform(shape=(0,))
         return self._run(*inputs)
-
-
-def _broadcast_one_element_sources(graph: Graph) -> Dict[str, Value]:
-    """Outputs of Broadcast nodes whose source has one element -> that source."""
-    return {n.outputs[0].name: n.inputs[0] for n in graph.nodes
-            if n.op == "Broadcast" and n.inputs and n.inputs[0].size == 1}
-
-
-def _unbroadcast_inputs(node, one_element: Dict[str, Value]) -> List[Value]:
-    """An elementwise op reads a broadcast one-element operand as the element itself when
-    another operand already has the output's shape: MLX broadcasts it the same way, and its
-    eager kernels take a scalar operand in a fast path but a stride-0 view in the general
-    strided one (this is what `nn.relu` compiles to, the Maximum with a broadcast 0)."""
-    if node.op not in ELEMENTWISE_OPS or not node.outputs:
-        return node.inputs
-    shape = node.outputs[0].shape
-    if not any(v.shape == shape and v.name not in one_element for v in node.inputs):
-        return node.inputs
-    return [one_element.get(v.name, v) if len(one_element.get(v.name, v).shape) <= len(shape) else v
-            for v in node.inputs]
 
 
 def plan(graph: Graph, compile: bool = True) -> Replay:
