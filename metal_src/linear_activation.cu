@@ -14,7 +14,7 @@
 // the first MMA, words 2-3 the second). The 8 partial tiles meet in shared
 // memory, where the epilogue runs.
 constexpr int WARPS = 8;
-constexpr int U = MT <= 2 ? 4 : 2;  // K chunks whose loads are issued before their MMAs
+constexpr int U = 4;  // K chunks whose loads are issued before their MMAs
 const int M = x_shape[0];
 const int K = x_shape[1];
 const int N = w_shape[0];
@@ -45,17 +45,7 @@ for (int nt = 0; nt < NT; nt++) {
   wr[nt] = w + int64_t(wok[nt] ? col : 0) * K;
 }
 
-float acc[MT][NT][4];
-#pragma unroll
-for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-  for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-    for (int c = 0; c < 4; c++) {
-      acc[mt][nt][c] = 0.0f;
-    }
-  }
-}
+float acc[MT][NT][4] = {};
 
 // The loop bound is the same for every lane of a warp: MMAs need the whole warp.
 for (int kb = warp * 32; kb < K; kb += WARPS * 32 * U) {

@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from mlx_fusion import ops
 from mlx_fusion.benchmark import time_call
+from mlx_fusion.models import _peak_memory
 from mlx_fusion.ops import linear as linear_mod
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -142,13 +143,17 @@ def _relu_linear_vjp(primals, cotangent, output):
     return dz @ w, dz.T @ x, dz.sum(0)
 
 
+# (label, MLP mode, MLX_FUSION_LINEAR_EPILOGUE)
+MEMORY_VARIANTS = [("mx.compile", "mlx", "mlx"), ("mlx-epilogue", "fused", "mlx"),
+                   ("kernel-epilogue", "fused", "kernel"), ("vjp-mlx", "vjp-mlx", "mlx")]
+
+
 def memory():
     rows = []
     width, depth, batch = (256, 6, 512) if os.environ.get("PROBE_SMALL") else (4096, 6, 8192)
     print(f"\ntraining step, {depth}-layer ReLU MLP, width {width}, batch {batch}, bf16, whole step compiled")
-    for mode in ("mx.compile", "fused", "fused-kernel-epilogue", "vjp-mlx"):
-        os.environ["MLX_FUSION_LINEAR_EPILOGUE"] = "kernel" if mode == "fused-kernel-epilogue" else "mlx"
-        mode = "fused" if mode.startswith("fused") else mode
+    for label, mode, epilogue in MEMORY_VARIANTS:
+        os.environ["MLX_FUSION_LINEAR_EPILOGUE"] = epilogue  # read at each fused_linear call
         mx.random.seed(0)
         model = MLP(width, depth, mode)
         model.set_dtype(mx.bfloat16)
@@ -157,16 +162,9 @@ def memory():
         vg = nn.value_and_grad(model, lambda x: model(x).astype(mx.float32).sum())
         step = mx.compile(vg, inputs=model.state, outputs=model.state)
         t = time_call(step, [x], calls_per_eval=2, repeats=7, warmup=2)
-        mx.synchronize()
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        before = mx.get_active_memory()
-        mx.eval(step(x))
-        mx.synchronize()
-        peak = mx.get_peak_memory()
-        mode = os.environ["MLX_FUSION_LINEAR_EPILOGUE"] + "-epilogue" if mode == "fused" else mode
-        print(f"  {mode:11s} {t*1e3:8.2f} ms  peak {peak/2**20:7.0f} MiB  over resident {(peak-before)/2**20:7.0f} MiB")
-        rows.append(dict(mode=mode, ms=t * 1e3, peak_mib=peak / 2**20, over_resident_mib=(peak - before) / 2**20))
+        peak, extra = _peak_memory(step, [x])
+        print(f"  {label:15s} {t*1e3:8.2f} ms  peak {peak/2**20:7.0f} MiB  over resident {extra/2**20:7.0f} MiB")
+        rows.append(dict(mode=label, ms=t * 1e3, peak_mib=peak / 2**20, over_resident_mib=extra / 2**20))
         del model, vg, step
     results["memory"] = rows
 

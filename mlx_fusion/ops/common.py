@@ -91,6 +91,15 @@ def activation_grad(act: Activation, z: mx.array) -> mx.array:
     return s * (1 + z * (1 - s))
 
 
+@mx.compile
+def relu_grad_from_output(y: mx.array, g: mx.array) -> mx.array:
+    """g * relu'(z) read off the output y = relu(z) (z > 0 exactly where y > 0), as a
+    select in y's dtype: exact, and where nothing is compiled it holds one boolean mask
+    rather than float32 or 0/1 temporaries (bf16 MLP trained eagerly on the CPU: 19.5
+    vs 24.5 units of activation memory for the product form)."""
+    return mx.where(y > 0, g.astype(y.dtype), mx.zeros((), y.dtype))
+
+
 def binary_operand_grads(op: BinaryOp, dz, a, b):
     """Gradients of (a op b) w.r.t. a and b at full shape, as MLX's own vjps compute them."""
     if op is BinaryOp.ADD:

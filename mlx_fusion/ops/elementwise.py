@@ -28,6 +28,7 @@ from .common import (
     launch_geometry,
     is_fusable_dtype,
     promote,
+    relu_grad_from_output,
     sum_to_shape,
     with_reference_rules,
     cpu_compile,
@@ -150,14 +151,13 @@ def _binary_primitive(op: BinaryOp, act: Activation):
     # y > 0), so the backward reads y and g instead of a, b and g.
     relu_from_output = act is Activation.RELU and op in (BinaryOp.ADD, BinaryOp.SUB)
     relu_params = _params(1.0, 0.0, act) if relu_from_output else None
-    cpu_relu_backward = mx.compile(lambda y, g: (f32(g) * activation_grad(act, y)).astype(y.dtype))
 
     @fused.vjp
     def fused_vjp(primals, cotangent, output):
         a, b = primals
         if relu_from_output:
             if kernels.kernel_backend() is None:
-                da, db = cpu_relu_backward(output, cotangent), None
+                da, db = relu_grad_from_output(output, cotangent), None
             else:
                 da, db = launch_scalar_backward(act, output, relu_params, cotangent), None
         elif kernels.kernel_backend() is None:

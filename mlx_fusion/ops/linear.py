@@ -26,7 +26,8 @@ import mlx.core as mx
 
 from .. import kernels
 from ..patterns import Activation, as_activation
-from .common import activation_grad, cpu_compile, f32, is_fusable_dtype, promote, tangents_for
+from .common import (activation_grad, cpu_compile, f32, is_fusable_dtype, promote, relu_grad_from_output,
+                     tangents_for)
 from .elementwise import _params, launch_scalar, launch_scalar_backward
 
 __all__ = ["fused_linear", "linear_reference", "SMALL_M_ROWS"]
@@ -107,20 +108,18 @@ def _linear_primitive(act: Activation, has_bias: bool):
     # input dtype, as the unfused expression computes it: where the step is not
     # compiled (and on the CPU under autodiff, where the inner compile is
     # skipped) float32 temporaries here would live until the backward pass
-    # (bf16 MLP on the CPU: 2x the unfused eager peak). ReLU's derivative is a
-    # select, exact in any dtype; the others are taken in float32, like the
-    # kernels: their closed forms cancel badly in bfloat16.
+    # (bf16 MLP on the CPU: 2x the unfused eager peak). ReLU's derivative is
+    # read off y exactly in any dtype; the others are taken in float32, like
+    # the kernels: their closed forms cancel badly in bfloat16.
     def mlx_parts(x, w, *b):
         z = preactivation(x, w, *b)
         return outputs_of(act.reference(z), z)
 
-    def dz_of(t, g):  # t is z, or y for relu
-        if not keep_z:
-            return mx.where(t > 0, g.astype(t.dtype), mx.zeros((), t.dtype))
+    def dz_of(t, g):  # t is z
         return (f32(g) * activation_grad(act, f32(t))).astype(t.dtype)
 
     mlx_forward = cpu_compile(mlx_parts, act)
-    mlx_dz = mx.compile(dz_of)
+    mlx_dz = mx.compile(dz_of) if keep_z else relu_grad_from_output
     identity = _params(1.0, 0.0, act)
 
     @mx.custom_function
