@@ -1,28 +1,32 @@
-"""Measuring what fusion buys: unfused eager vs `mx.compile` vs fused.
+"""Measuring what one fused op buys: unfused eager vs `mx.compile` vs fused.
 
-Timing the way MLX needs it: MLX is lazy and a GPU runs asynchronously, so
-each measurement builds `calls_per_eval` independent calls and evaluates them
-together (one synchronizing eval per call would add 10-25 us on a GPU and hide
-the kernel), after a warm-up that pays for JIT compilation, and reports the
-median over repeats. Bandwidth counts each input read once and each output
-written once; the reference ceiling is a plain copy measured in the same run.
+    case = case_for_pattern("add+relu")                       # the registry case
+    res = bench_case(case, (256, 4096), mx.float32)           # BenchResult: us, speedups, GB/s
+    results = run_ops_benchmark(quick=True)                   # every case x dtype x shape
+
+Bandwidth counts each input read once and each output written once; the
+reference ceiling is a plain copy measured in the same run. Timing itself is
+`mlx_fusion.timing` and device names `mlx_fusion.device` (both re-exported
+here for older imports); the command-line selections (`--ops`, `--dtypes`,
+`--sizes`) are `mlx_fusion.cli.options`.
 
 Used by benchmarks/ops.py, the `mlx-fusion bench` command and the tracker.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import functools
-import platform
-import statistics
-import time
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
+from .device import device_description, device_id, device_kind  # noqa: F401  (re-exported)
+from .ops.elementwise import fused_scalar, scalar_reference
 from .ops.registry import FUSED_OPS, OpCase
+from .perfcache import dtype_name
+from .patterns import ScalarActivation, ScalarOp
+from .timing import copy_bandwidth, default_timing, time_call  # noqa: F401  (re-exported)
 
 __all__ = [
     "BenchResult",
@@ -37,9 +41,10 @@ __all__ = [
     "default_timing",
     "bench_plan",
     "run_ops_benchmark",
-    "select_ops",
-    "parse_dtypes",
-    "parse_sizes",
+    "case_for_pattern",
+    "shape_for_size",
+    "elementwise_shape",
+    "copy_size",
 ]
 
 
@@ -109,84 +114,6 @@ class BenchResult:
 BenchmarkResult = BenchResult
 
 
-def device_kind() -> str:
-    """"metal", "cuda" or "cpu": where MLX's default device runs (as the optimizer names it)."""
-    from .config import current_device_kind
-
-    return current_device_kind()
-
-
-def _device_name() -> str:
-    return _device_name_of(str(mx.default_device()))
-
-
-@functools.lru_cache(maxsize=None)  # the tracker asks once per fusion candidate
-def _device_name_of(_device: str) -> str:
-    dev = mx.default_device()
-    try:
-        info = mx.device_info(dev)
-    except Exception:  # older MLX takes no argument (and reports the GPU); not every backend has it
-        try:
-            info = mx.device_info() if dev.type == mx.DeviceType.gpu else {}
-        except Exception:
-            info = {}
-    name = info.get("device_name") or info.get("architecture") or ""
-    return str(name) or (platform.processor() or platform.machine() if dev.type == mx.DeviceType.cpu else "")
-
-
-def device_description() -> str:
-    """e.g. "gpu (cuda: NVIDIA H100 80GB HBM3)", "gpu (metal: Apple M2)", "cpu (x86_64: Intel Xeon)"."""
-    name = _device_name()
-    if mx.default_device().type == mx.DeviceType.gpu:
-        return f"gpu ({device_kind()}{': ' + name if name else ''})"
-    return f"cpu ({platform.machine()}{': ' + name if name and name != platform.machine() else ''})"
-
-
-def device_id(kind: Optional[str] = None) -> str:
-    """The key measurements are stored under: "<kind>:<device name>", e.g. "cuda:NVIDIA H100".
-    For a `kind` other than the current device's, just the kind (its name is unknown here)."""
-    current = device_kind()
-    if kind is not None and kind != current:
-        return kind
-    name = _device_name()
-    return f"{current}:{name}" if name else current
-
-
-def time_call(fn: Callable, args: Sequence, calls_per_eval: int = 10, repeats: int = 15,
-              warmup: int = 2, min_time_s: float = 0.0) -> float:
-    """Median seconds per call of fn(*args), evaluating `calls_per_eval` calls at once."""
-    mx.eval(*[a for a in args if isinstance(a, mx.array)])
-    for _ in range(warmup):
-        mx.eval(fn(*args))
-    times = []
-    start = time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval([fn(*args) for _ in range(calls_per_eval)])
-        times.append((time.perf_counter() - t0) / calls_per_eval)
-        if min_time_s and time.perf_counter() - start > min_time_s and len(times) >= 3:
-            break
-    return statistics.median(times)
-
-
-def default_timing(quick: bool = False) -> dict:
-    """`time_call` settings: a GPU needs several calls per eval to hide the sync; a CPU is
-    synchronous, so fewer calls and a time budget per measurement keep runs short."""
-    gpu = mx.default_device().type == mx.DeviceType.gpu
-    if gpu:
-        return dict(calls_per_eval=10, repeats=7 if quick else 15, min_time_s=0.5 if quick else 0.0)
-    return dict(calls_per_eval=2 if quick else 3, repeats=5, warmup=1 if quick else 2,
-                min_time_s=0.05 if quick else 0.5)
-
-
-def copy_bandwidth(n: int, dtype=mx.float32, **timing) -> float:
-    """GB/s of MLX's own unary elementwise kernel (read n, write n), the ceiling a
-    fused elementwise kernel is measured against."""
-    x = mx.random.normal((n,)).astype(dtype)
-    t = time_call(mx.negative, [x], **timing)
-    return 2 * n * dtype.size / t / 1e9
-
-
 def _vjp_fn(fn: Callable):
     """fwd+bwd of fn with a fixed cotangent: what a training step asks of the op.
     The output is returned too: a training step needs it (the next layer reads it),
@@ -223,7 +150,7 @@ def bench_case(case: OpCase, shape: Tuple[int, ...], dtype=mx.float32, backward:
     compiled, fused = mx.compile(eager), mx.compile(fused_call)
     res = BenchResult(
         op=case.name, kind=case.kind, pass_="fwd+bwd" if backward else "fwd", shape=tuple(shape),
-        dtype=str(dtype).replace("mlx.core.", ""),
+        dtype=dtype_name(dtype),
         eager_us=time_call(eager, args, **timing) * 1e6,
         compiled_us=time_call(compiled, args, **timing) * 1e6,
         fused_us=time_call(fused, args, **timing) * 1e6,
@@ -234,8 +161,11 @@ def bench_case(case: OpCase, shape: Tuple[int, ...], dtype=mx.float32, backward:
 
 
 def elementwise_shape(size: int) -> Tuple[int, int]:
-    """`size` elements as rows of 4096 (what a hidden dimension looks like)."""
-    return (max(1, size // 4096), min(size, 4096))
+    """Exactly `size` elements: rows of 4096 (what a hidden dimension looks like) when 4096
+    divides it, else one row of `size`."""
+    if size > 4096 and size % 4096 == 0:
+        return (size // 4096, 4096)
+    return (1, size)
 
 
 def default_shapes(kind: str, gpu: bool, quick: bool = False) -> List[Tuple[int, ...]]:
@@ -252,15 +182,12 @@ def default_shapes(kind: str, gpu: bool, quick: bool = False) -> List[Tuple[int,
     return [elementwise_shape(s) for s in sizes]
 
 
-def _copy_size(kind: str, shape: Tuple[int, ...]) -> int:
+def copy_size(kind: str, shape: Tuple[int, ...]) -> int:
     """Elements of the largest operand: the copy that bounds this op's memory traffic."""
     if kind == "linear":
         m, k, n = shape
         return max(m * k, k * n, m * n)
-    size = 1
-    for d in shape:
-        size *= d
-    return size
+    return math.prod(shape)
 
 
 def bench_plan(ops: Optional[Iterable[OpCase]] = None, dtypes: Sequence = (mx.float32, mx.bfloat16),
@@ -295,11 +222,11 @@ def run_ops_benchmark(
     results = []
     copy_cache: Dict[tuple, float] = {}
     for case, shape, dtype in bench_plan(ops, dtypes, shapes, quick):
-        key = (_copy_size(case.kind, shape), dtype)
+        key = (copy_size(case.kind, shape), dtype)
         if key not in copy_cache:
             copy_cache[key] = copy_bandwidth(key[0], dtype, **timing)
         if progress:
-            progress(f"{case.name} {shape} {str(dtype).replace('mlx.core.', '')}")
+            progress(f"{case.name} {shape} {dtype_name(dtype)}")
         for bwd in ((False, True) if backward else (False,)):
             res = bench_case(case, shape, dtype, backward=bwd, copy_gbps=copy_cache[key], **timing)
             results.append(res)
@@ -308,62 +235,31 @@ def run_ops_benchmark(
     return results
 
 
-# -- command-line selections (mlx-fusion bench, benchmarks/ops.py) ---------------------------
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# -- which case measures a pattern, at which shape ----------------------------------------------------
+_SCALARS = {ScalarOp.MUL: (1.5, 0.0), ScalarOp.ADD: (1.0, -0.25), ScalarOp.AFFINE: (1.5, -0.25)}
 
 
-def parse_dtypes(text: str, quick: bool = False) -> list:
-    """"float32,bfloat16" -> dtypes; empty: float32 and bfloat16 (float32 only if `quick`,
-    since bfloat16 is emulated and slow on a CPU). Raises ValueError naming the option."""
-    names = [d.strip() for d in text.split(",") if d.strip()] or (["float32"] if quick else ["float32", "bfloat16"])
-    bad = [d for d in names if d not in DTYPES]
-    if bad:
-        raise ValueError(f"--dtypes: unknown {', '.join(bad)}; choose from {', '.join(DTYPES)}")
-    return [DTYPES[d] for d in names]
+def case_for_pattern(pattern) -> OpCase:
+    """The registry case that benchmarks `pattern` (an instance or a name like "add+relu")."""
+    for case in FUSED_OPS:
+        if case.pattern == pattern or case.name == pattern or case.pattern.name == pattern:
+            return case
+    if isinstance(pattern, ScalarActivation):  # the registry lists affine only; mul/add are its cases
+        scale, shift = _SCALARS[pattern.scalar_op]
+        act = pattern.activation
+        return OpCase(pattern.name, "scalar", pattern,
+                      lambda x: fused_scalar(x, scale, shift, act),
+                      lambda x: scalar_reference(x, scale, shift, act))
+    raise ValueError(f"no benchmark for pattern {pattern!r}; known: {[c.name for c in FUSED_OPS]}")
 
 
-def select_ops(text: str) -> list:
-    """Registry cases named by comma-separated names, globs ("mul+*") or kinds ("linear");
-    empty: all. Raises ValueError if an entry matches nothing."""
-    wanted = [w.strip() for w in text.split(",") if w.strip()]
-    if not wanted:
-        return list(FUSED_OPS)
-    chosen, unmatched = [], []
-    for w in wanted:
-        hits = [c for c in FUSED_OPS if c.kind == w or fnmatch.fnmatchcase(c.name, w)]
-        if not hits:
-            unmatched.append(w)
-        chosen += [c for c in hits if c not in chosen]
-    if unmatched:
-        raise ValueError(f"--ops: nothing matches {', '.join(unmatched)}; ops are "
-                         f"{', '.join(c.name for c in FUSED_OPS)} (kinds: binary, scalar, linear)")
-    return chosen
-
-
-def _parse_count(text: str) -> int:
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
-    n = int(text[:-1] if mult > 1 else text) * mult
-    if n < 1:
-        raise ValueError
-    return n
-
-
-def parse_sizes(text: str) -> dict:
-    """"4096,64K,1x512x512" -> {kind: shapes} for `run_ops_benchmark`: counts are elementwise
-    sizes (rows of 4096), MxKxN are linear shapes; kinds given no size keep their defaults."""
-    shapes: dict = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        try:
-            if "x" in item.lower():
-                dims = tuple(_parse_count(d) for d in item.lower().split("x"))
-                if len(dims) != 3:
-                    raise ValueError
-                shapes.setdefault("linear", []).append(dims)
-            else:
-                shape = elementwise_shape(_parse_count(item))
-                shapes.setdefault("binary", []).append(shape)
-                shapes.setdefault("scalar", []).append(shape)
-        except ValueError:
-            raise ValueError(f"--sizes: bad size {item!r}; use element counts (4096, 64K, 1M) "
-                             "or MxKxN for linear ops") from None
-    return shapes
+def shape_for_size(case: OpCase, tensor_size: Union[int, Tuple[int, ...]]) -> Tuple[int, ...]:
+    """An int is the fused output's element count (what the tracker is keyed by): rows of
+    4096 elementwise; for a linear, M x 1024 with K = N = 1024. A tuple is used as given
+    ((M, K, N) for linears)."""
+    if not isinstance(tensor_size, int):
+        return tuple(tensor_size)
+    if case.kind == "linear":
+        n = min(1024, tensor_size)
+        return (max(1, tensor_size // n), 1024, n)
+    return elementwise_shape(tensor_size)

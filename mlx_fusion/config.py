@@ -1,5 +1,5 @@
 """Fusion settings: one immutable `FusionConfig`, a process-wide default and
-thread-local temporary overrides.
+thread-local temporary overrides (the mechanism is `mlx_fusion.settings.Settings`).
 
     configure(min_tensor_size=0)            # process-wide, every thread
     with fusion_config(enabled=False): ...  # this thread only, restored on exit
@@ -10,13 +10,12 @@ change under it; "changing" the default swaps in a new object under a lock.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
-import mlx.core as mx
+from .device import current_device_kind  # noqa: F401  (re-exported: graph/ imports it from here)
+from .settings import Settings, check_fields
 
 __all__ = [
     "FusionConfig",
@@ -96,70 +95,31 @@ class FusionConfig:
         return getattr(self, field)
 
     def replace(self, **changes) -> "FusionConfig":
-        _check_fields(changes)
+        check_fields(FusionConfig, changes)
         return dataclasses.replace(self, **changes)
 
 
-def current_device_kind() -> str:
-    """"metal", "cuda" or "cpu": where MLX's default device runs now."""
-    if mx.default_device().type == mx.DeviceType.gpu:
-        if mx.metal.is_available():
-            return "metal"
-        cuda = getattr(mx, "cuda", None)
-        if cuda is not None and cuda.is_available():
-            return "cuda"
-    return "cpu"
-
-
-_FIELDS = frozenset(f.name for f in dataclasses.fields(FusionConfig))
-
-
-def _check_fields(changes) -> None:
-    unknown = sorted(set(changes) - _FIELDS)
-    if unknown:
-        raise TypeError(f"unknown FusionConfig field(s) {unknown}; valid: {sorted(_FIELDS)}")
-
-
-_lock = threading.Lock()
-_global = FusionConfig()
-_local = threading.local()  # .stack: this thread's fusion_config() overrides
+_SETTINGS: Settings[FusionConfig] = Settings(FusionConfig)
 
 
 def get_config() -> FusionConfig:
     """The config in effect for this thread: its innermost `fusion_config`, else the global one."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
-    with _lock:
-        return _global
+    return _SETTINGS.get()
 
 
 def configure(**changes) -> FusionConfig:
     """Change the process-wide default (all threads without an override). Returns the new config."""
-    global _global
-    _check_fields(changes)
-    with _lock:
-        _global = dataclasses.replace(_global, **changes)
-        return _global
+    return _SETTINGS.set(**changes)
 
 
 def reset_config() -> FusionConfig:
     """Restore the process-wide default to `FusionConfig()`."""
-    global _global
-    with _lock:
-        _global = FusionConfig()
-        return _global
+    return _SETTINGS.reset()
 
 
-@contextlib.contextmanager
 def fusion_config(**changes) -> Iterator[FusionConfig]:
-    """Temporarily change the config for the current thread only; nests."""
-    new = get_config().replace(**changes)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(new)
-    try:
-        yield new
-    finally:
-        stack.pop()
+    """Temporarily change the config for the current thread only; nests.
+
+        with fusion_config(min_tensor_size=0) as config: ...
+    """
+    return _SETTINGS.override(**changes)

@@ -1,129 +1,59 @@
-"""Measured fusion speedups, remembered per device and MLX version.
+"""Measured fusion speedups, remembered per device and MLX version: the optimizer's price.
 
     tracker = default_tracker()                    # the process-wide one, loaded lazily
     res = tracker.benchmark_pattern("add+relu", 1 << 20, mx.float32)   # measures, records, saves
     tracker.lookup(pattern, mx.float32, 1 << 20, "cuda")               # -> res.speedup
+    FusionOptimizer(price=price)                   # measured, else shipped, else the cost model
 
-The optimizer asks `lookup` for every match it prices; a measured speedup
-replaces its bandwidth model (`FusionOpportunity.source == "measured"`) and a
-measurement below 1.0 drops the fusion. The speedup stored is fused time
-against the *better* of eager and `mx.compile`, because `fuse()` replays the
-unfused remainder under `mx.compile`: beating eager alone proves nothing.
+`price(pattern, dtype, size, device) -> Optional[float]` is what the optimizer asks for
+every match: this machine's measurement (`lookup`), else the speedup shipped for this
+kind of device (`mlx_fusion.priors`), else None (the optimizer's bandwidth model
+decides). A measurement below 1.0 drops the fusion. The speedup stored is fused time
+against the *better* of eager and `mx.compile`, because `fuse()` replays the unfused
+remainder under `mx.compile`: beating eager alone proves nothing.
 
-The cache is one JSON file per MLX version (a new MLX changes the kernels it
-is compared against), under `$MLX_FUSION_CACHE` if set, else the user cache
-directory. Writers merge under an exclusive `flock` and replace the file
-atomically, so concurrent `mlx-fusion bench` runs never lose each other's
-entries; an unreadable or foreign file is ignored with a warning.
+The file format, where it lives, and how it is read and written safely are
+`mlx_fusion.perfcache`; this module only imports the benchmark code when it measures.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
-import math
-import os
-import sys
-import tempfile
 import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 
-from .benchmark import (BenchmarkResult, _copy_size, bench_case, copy_bandwidth, default_timing, device_id,
-                        elementwise_shape)
-from .ops.registry import FUSED_OPS, OpCase
-from .ops.elementwise import fused_scalar, scalar_reference
+from .device import device_id
 from .patterns import ScalarActivation, ScalarOp
+from .perfcache import (CACHE_FORMAT, CACHE_SCHEMA, TrackerCacheWarning, cache_key, default_cache_path,  # noqa: F401
+                        entry_speedup, output_size, read_entries, size_bucket, write_entries)
+from .priors import prior_speedup
 
-try:  # POSIX; elsewhere writes are still atomic, only the merge is unlocked
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
-__all__ = ["PerformanceTracker", "TrackerCacheWarning", "default_tracker", "reset_default_tracker",
-           "default_cache_path", "size_bucket", "case_for_pattern", "CACHE_FORMAT", "CACHE_SCHEMA"]
-
-CACHE_FORMAT = "mlx-fusion-performance"
-CACHE_SCHEMA = 1
+__all__ = ["PerformanceTracker", "Speedup", "TrackerCacheWarning", "default_tracker", "reset_default_tracker",
+           "price", "prior_speedup", "default_cache_path", "size_bucket", "case_for_pattern", "CACHE_FORMAT",
+           "CACHE_SCHEMA"]
 
 
-class TrackerCacheWarning(UserWarning):
-    """The performance cache could not be used (corrupt, foreign or unwritable); fusion
-    decisions fall back to the bandwidth model."""
+class Speedup(float):
+    """A speedup (a float) that says where it came from: "measured" (this machine's cache)
+    or "shipped" (the priors). `FusionOpportunity.source` reports it."""
+
+    source: str
+
+    def __new__(cls, value: float, source: str):
+        self = super().__new__(cls, value)
+        self.source = source
+        return self
 
 
-def default_cache_path() -> Path:
-    """`$MLX_FUSION_CACHE` (a file, or a directory to put the default file in), else
-    `~/Library/Caches/mlx-fusion/` on macOS, `$XDG_CACHE_HOME/mlx-fusion/` or
-    `~/.cache/mlx-fusion/` elsewhere; the file is `performance-mlx-<version>.json`."""
-    name = f"performance-mlx-{mx.__version__}.json"
-    override = os.environ.get("MLX_FUSION_CACHE")
-    if override:
-        p = Path(override).expanduser()
-        return p / name if p.is_dir() or override.endswith(os.sep) else p
-    if sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "mlx-fusion" / name
+def case_for_pattern(pattern):
+    """The registry case that benchmarks `pattern` (see `mlx_fusion.benchmark.case_for_pattern`)."""
+    from .benchmark import case_for_pattern as find
 
-
-def size_bucket(size: int) -> int:
-    """Powers of 4: sizes within a factor of ~2 of 4**k share bucket k. Elementwise time is
-    linear in size above launch latency, so a speedup measured at 1M holds near 1M."""
-    return 0 if size <= 1 else int(round(math.log(size, 4)))
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("mlx.core.", "")
-
-
-def _pattern_name(pattern) -> str:
-    return pattern if isinstance(pattern, str) else pattern.name
-
-
-def _key(device: str, pattern, dtype, bucket: int) -> str:
-    return f"{device}|{_pattern_name(pattern)}|{_dtype_name(dtype)}|{bucket}"
-
-
-_SCALARS = {ScalarOp.MUL: (1.5, 0.0), ScalarOp.ADD: (1.0, -0.25), ScalarOp.AFFINE: (1.5, -0.25)}
-
-
-def case_for_pattern(pattern) -> OpCase:
-    """The registry case that benchmarks `pattern` (an instance or a name like "add+relu")."""
-    for case in FUSED_OPS:
-        if case.pattern == pattern or case.name == pattern or case.pattern.name == pattern:
-            return case
-    if isinstance(pattern, ScalarActivation):  # the registry lists affine only; mul/add are its cases
-        scale, shift = _SCALARS[pattern.scalar_op]
-        act = pattern.activation
-        return OpCase(pattern.name, "scalar", pattern,
-                      lambda x: fused_scalar(x, scale, shift, act),
-                      lambda x: scalar_reference(x, scale, shift, act))
-    raise ValueError(f"no benchmark for pattern {pattern!r}; known: {[c.name for c in FUSED_OPS]}")
-
-
-def _shape_for(case: OpCase, tensor_size: Union[int, Tuple[int, ...]]) -> Tuple[int, ...]:
-    """An int is the fused output's element count (what `lookup` is keyed by): rows of 4096
-    elementwise; for a linear, M x 1024 with K = N = 1024. A tuple is used as given
-    ((M, K, N) for linears)."""
-    if not isinstance(tensor_size, int):
-        return tuple(tensor_size)
-    if case.kind == "linear":
-        n = min(1024, tensor_size)
-        return (max(1, tensor_size // n), 1024, n)
-    return elementwise_shape(tensor_size)
-
-
-def _output_size(case: OpCase, shape: Tuple[int, ...]) -> int:
-    if case.kind == "linear":
-        return shape[0] * shape[2]
-    return math.prod(shape)
+    return find(pattern)
 
 
 class PerformanceTracker:
@@ -140,48 +70,28 @@ class PerformanceTracker:
         self._entries: Optional[Dict[str, dict]] = None  # loaded on first use
         self._dirty: Dict[str, dict] = {}  # recorded here since the last save
         self._lock = threading.Lock()
+        self._warned = set()  # each problem with the file is reported once per tracker
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, TrackerCacheWarning, stacklevel=3)
 
     # -- reading -------------------------------------------------------------------------------
     @property
     def entries(self) -> Dict[str, dict]:
-        """key -> entry, loading the cache file on first access."""
+        """key -> entry, loading the cache file on first access (malformed entries skipped)."""
         if self._entries is None:
             with self._lock:
                 if self._entries is None:
-                    self._entries = {**self._read(), **self._dirty}
+                    self._entries = {**read_entries(self.path, self._warn), **self._dirty}
         return self._entries
-
-    def _read(self) -> Dict[str, dict]:
-        """The file's entries; {} (with a warning) when missing-but-broken or foreign."""
-        try:
-            text = self.path.read_text()
-        except (FileNotFoundError, NotADirectoryError):  # nothing measured yet
-            return {}
-        except OSError as e:
-            warnings.warn(f"mlx_fusion: cannot read performance cache {self.path}: {e}", TrackerCacheWarning)
-            return {}
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-                raise ValueError("not an mlx-fusion performance cache")
-            entries = data["entries"]
-            if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
-                raise ValueError("malformed entries")
-        except (ValueError, KeyError, TypeError) as e:
-            warnings.warn(f"mlx_fusion: ignoring corrupt performance cache {self.path} ({e}); "
-                          "it will be replaced on the next save", TrackerCacheWarning)
-            return {}
-        if data.get("schema") != CACHE_SCHEMA or data.get("mlx_version") != mx.__version__:
-            warnings.warn(f"mlx_fusion: ignoring performance cache {self.path} written for MLX "
-                          f"{data.get('mlx_version')} (schema {data.get('schema')}); this is MLX "
-                          f"{mx.__version__}: re-run `mlx-fusion bench`", TrackerCacheWarning)
-            return {}
-        return entries
 
     def lookup(self, pattern, dtype, size: int, device: str) -> Optional[float]:
         """Measured speedup of `pattern` (fused vs the best unfused) near `size` output
-        elements, or None if never measured. The exact size bucket wins; else the mean
-        of its two neighbours (a factor of 4 either way) that were measured."""
+        elements on `device` ("metal"/"cuda"/"cpu"), or None if never measured. The exact
+        size bucket wins; else the mean of its two neighbours (a factor of 4 either way)
+        that were measured."""
         entries = self.entries
         if not entries:
             return None
@@ -191,39 +101,53 @@ class PerformanceTracker:
             # x*s and x+t run the same kernel as x*s+t; `bench` measures the affine form only.
             names.append(ScalarActivation(ScalarOp.AFFINE, pattern.activation))
         for name in names:
-            hit = entries.get(_key(dev, name, dtype, b))
+            hit = entries.get(cache_key(dev, name, dtype, b))
             if hit is not None:
-                return float(hit["speedup"])
-            near = [entries[k]["speedup"] for k in (_key(dev, name, dtype, b - 1), _key(dev, name, dtype, b + 1))
-                    if k in entries]
+                return entry_speedup(hit)
+            near = [entry_speedup(entries[k]) for k in (cache_key(dev, name, dtype, b - 1),
+                                                        cache_key(dev, name, dtype, b + 1)) if k in entries]
             if near:
-                return float(sum(near) / len(near))
+                return sum(near) / len(near)
         return None
+
+    def price(self, pattern, dtype, size: int, device: str) -> Optional[Speedup]:
+        """What the optimizer prices a match with: `lookup`, else `prior_speedup`, else None.
+        The result is a `Speedup` whose `source` is "measured" or "shipped"."""
+        measured = self.lookup(pattern, dtype, size, device)
+        if measured is not None:
+            return Speedup(measured, "measured")
+        shipped = prior_speedup(pattern, dtype, size, device)
+        return None if shipped is None else Speedup(shipped, "shipped")
 
     def __len__(self) -> int:
         return len(self.entries)
 
     # -- measuring and recording ---------------------------------------------------------------
-    def record(self, result: BenchmarkResult, pattern=None, device: Optional[str] = None) -> str:
-        """Remember a forward-pass result (fwd+bwd results are ignored: lookups price the
-        forward graph). Returns the key.
+    def record(self, result, pattern=None, device: Optional[str] = None) -> str:
+        """Remember a forward-pass `BenchResult` (fwd+bwd results are ignored: lookups price
+        the forward graph; so is a result without a finite positive speedup). Returns the key,
+        or "" if nothing was recorded.
 
         Args:
-            pattern (optional): what was measured; default the registry case named `result.op`.
+            pattern (optional): what was measured (a pattern or its name); default the registry
+                case named `result.op`.
             device (str, optional): a `device_id`; default the current device's.
         """
         if result.pass_ != "fwd":
             return ""
+        from .benchmark import case_for_pattern  # a result comes from the benchmark code: it is loaded
+
         case = case_for_pattern(pattern if pattern is not None else result.op)
-        size = _output_size(case, result.shape)
-        key = _key(device or device_id(), case.pattern, result.dtype, size_bucket(size))
         entry = {
             "speedup": result.speedup, "speedup_vs_eager": result.speedup_vs_eager,
             "speedup_vs_compiled": result.speedup_vs_compiled, "eager_us": result.eager_us,
-            "compiled_us": result.compiled_us, "fused_us": result.fused_us, "size": size,
-            "shape": list(result.shape), "fused_gbps": result.fused_gbps, "copy_gbps": result.copy_gbps,
-            "timestamp": time.time(),
+            "compiled_us": result.compiled_us, "fused_us": result.fused_us,
+            "size": output_size(case.kind, result.shape), "shape": list(result.shape),
+            "fused_gbps": result.fused_gbps, "copy_gbps": result.copy_gbps, "timestamp": time.time(),
         }
+        if entry_speedup(entry) is None:
+            return ""
+        key = cache_key(device or device_id(), case.pattern, result.dtype, size_bucket(entry["size"]))
         with self._lock:
             self._dirty[key] = entry
             if self._entries is not None:
@@ -231,9 +155,9 @@ class PerformanceTracker:
         return key
 
     def benchmark_pattern(self, pattern, tensor_size: Union[int, Tuple[int, ...]], dtype=mx.float32,
-                          backward: bool = False, **timing) -> BenchmarkResult:
+                          backward: bool = False, **timing):
         """Time `pattern` eager, under `mx.compile` and fused on the default device, record
-        the forward result (and save if `autosave`).
+        the forward result (and save if `autosave`). Returns the `BenchResult`.
 
         Args:
             pattern: a FusionPattern or its name ("add+relu", "linear+bias+gelu").
@@ -242,10 +166,12 @@ class PerformanceTracker:
             backward (bool): time forward+backward instead (reported, not recorded).
             **timing: `time_call` settings; default `default_timing()`.
         """
+        from .benchmark import bench_case, case_for_pattern, copy_bandwidth, copy_size, default_timing, shape_for_size
+
         case = case_for_pattern(pattern)
-        shape = _shape_for(case, tensor_size)
+        shape = shape_for_size(case, tensor_size)
         timing = timing or default_timing()
-        copy = copy_bandwidth(_copy_size(case.kind, shape), dtype, **timing)
+        copy = copy_bandwidth(copy_size(case.kind, shape), dtype, **timing)
         result = bench_case(case, shape, dtype, backward=backward, copy_gbps=copy, **timing)
         self.record(result, pattern=case.pattern)
         if self.autosave:
@@ -253,41 +179,17 @@ class PerformanceTracker:
         return result
 
     # -- writing -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _file_lock(self) -> Iterator[None]:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        with open(lock_path, "a+") as f:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-            yield
-
     def save(self) -> bool:
-        """Merge what was recorded here into the file: re-read it under the lock (another
-        process may have written since we loaded), overlay our entries, write a temp file
-        and `os.replace` it. Returns False (with a warning) if the cache is unwritable."""
+        """Merge what was recorded here into the file (see `perfcache.write_entries`). Returns
+        False (with a warning) if the cache is unwritable; the entries stay in memory."""
         with self._lock:
             dirty = dict(self._dirty)
         if not dirty:
             return True
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._file_lock():
-                merged = {**self._read(), **dirty}
-                data = {"format": CACHE_FORMAT, "schema": CACHE_SCHEMA, "mlx_version": mx.__version__,
-                        "entries": dict(sorted(merged.items()))}
-                fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
-                try:
-                    with os.fdopen(fd, "w") as f:
-                        json.dump(data, f, indent=1)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, self.path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+            merged = write_entries(self.path, dirty, self._warn)
         except OSError as e:
-            warnings.warn(f"mlx_fusion: cannot write performance cache {self.path}: {e}", TrackerCacheWarning)
+            self._warn(f"mlx_fusion: cannot write performance cache {self.path}: {e}")
             return False
         with self._lock:
             for k in dirty:
@@ -299,39 +201,10 @@ class PerformanceTracker:
         """Forget everything in memory and delete the cache file."""
         with self._lock:
             self._entries, self._dirty = {}, {}
-        with contextlib.suppress(FileNotFoundError):
+        try:
             self.path.unlink()
-
-
-@functools.lru_cache(maxsize=None)
-def _priors(kind: str) -> Dict[str, dict]:
-    path = Path(__file__).resolve().parent / "data" / f"priors-{kind}.json"
-    try:
-        return json.loads(path.read_text())["entries"]
-    except (OSError, ValueError, KeyError):
-        return {}
-
-
-def prior_speedup(pattern, dtype, size: int, device: str) -> Optional[float]:
-    """Shipped measurement for this device kind ("cuda", ...): the pattern's own entry at
-    this size bucket, else the median of its kind (binary/scalar/linear) there."""
-    if os.environ.get("MLX_FUSION_NO_PRIORS"):  # measure what fusion does without them
-        return None
-    kind = device_id(device).split(":")[0]
-    entries = _priors(kind)
-    if not entries:
-        return None
-    b = size_bucket(size)
-    try:
-        case = case_for_pattern(pattern)
-    except ValueError:
-        return None
-    for name in (_pattern_name(case.pattern), "*" + case.kind):
-        for bucket in (b, b - 1, b + 1):
-            hit = entries.get(_key(kind, name, dtype, bucket))
-            if hit is not None:
-                return float(hit["speedup"])
-    return None
+        except FileNotFoundError:
+            pass
 
 
 _default: Optional[PerformanceTracker] = None
@@ -339,8 +212,8 @@ _default_lock = threading.Lock()
 
 
 def default_tracker() -> PerformanceTracker:
-    """The process-wide tracker the optimizer uses when given none. Nothing is read until the
-    first lookup; a changed `$MLX_FUSION_CACHE` (or XDG/HOME) yields a tracker for the new path."""
+    """The process-wide tracker `fuse()` prices with. Nothing is read until the first lookup;
+    a changed `$MLX_FUSION_CACHE` (or XDG/HOME) yields a tracker for the new path."""
     global _default
     path = default_cache_path()
     with _default_lock:
@@ -354,3 +227,9 @@ def reset_default_tracker() -> None:
     global _default
     with _default_lock:
         _default = None
+
+
+def price(pattern, dtype, size: int, device: str) -> Optional[Speedup]:
+    """`default_tracker().price(...)`: the price function `fuse()` hands `FusionOptimizer`.
+    The tracker is looked up on every call, so a changed `$MLX_FUSION_CACHE` applies."""
+    return default_tracker().price(pattern, dtype, size, device)

@@ -134,7 +134,7 @@ def test_configure_from_many_threads_loses_nothing():
 def test_config_is_immutable():
     with pytest.raises(Exception):
         get_config().enabled = False
-    assert isinstance(cfg._global, FusionConfig)
+    assert isinstance(cfg._SETTINGS.default, FusionConfig)
 
 
 @given(size=st.integers(0, 10**9), enabled=st.booleans(), pats=st.sets(st.sampled_from(
@@ -143,3 +143,44 @@ def test_replace_roundtrip(size, enabled, pats):
     c = FusionConfig().replace(min_tensor_size=size, enabled=enabled, enabled_patterns=pats)
     assert (c.min_tensor_size, c.enabled, c.enabled_patterns) == (size, enabled, frozenset(pats))
     assert c.allows(ADD_RELU) == ("add+relu" in pats or BinaryActivation in pats)
+
+
+# -- the one override mechanism (mlx_fusion.settings), shared with the Core ML options -------------------
+def test_config_and_offload_options_share_the_override_mechanism():
+    from mlx_fusion.coreml import options as ml
+    from mlx_fusion.settings import Settings
+
+    assert isinstance(cfg._SETTINGS, Settings) and isinstance(ml._SETTINGS, Settings)
+    before = ml.get_options()
+    with ml.offload_options(min_flops=0) as o, fusion_config(min_tensor_size=1) as c:
+        assert ml.get_options() is o and get_config() is c and o.min_flops == 0
+        with ml.offload_options(force=True):  # nests on the innermost
+            assert ml.get_options().force and ml.get_options().min_flops == 0
+    assert ml.get_options() == before and get_config().min_tensor_size == DEFAULT_MIN_TENSOR_SIZE
+    with pytest.raises(TypeError, match="min_flop"):
+        with ml.offload_options(min_flop=0):
+            pass
+    with pytest.raises(ValueError):  # __post_init__ validates overrides
+        with ml.offload_options(compute_units="GPU"):
+            pass
+
+
+def test_settings_set_reset_and_threads():
+    import dataclasses
+
+    from mlx_fusion.settings import Settings
+
+    @dataclasses.dataclass(frozen=True)
+    class Knobs:
+        a: int = 1
+
+    s = Settings(Knobs)
+    assert s.set(a=2).a == 2 and s.get().a == 2
+    seen = {}
+    with s.override(a=3):
+        t = threading.Thread(target=lambda: seen.setdefault("other", s.get().a))
+        t.start()
+        t.join(5)
+        assert s.get().a == 3
+    assert seen["other"] == 2  # an override is this thread's only
+    assert s.reset() == Knobs() and s.get().a == 1

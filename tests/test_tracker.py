@@ -1,8 +1,13 @@
 """The performance tracker: cache file round trips, robustness, concurrency, and the
 optimizer deciding from measurements. No timing assertions: speed lives in benchmarks."""
 
+import inspect
 import json
+import math
 import os
+import signal
+import stat
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +21,7 @@ from mlx_fusion.config import FusionConfig
 from mlx_fusion.graph.optimizer import FusionOptimizer
 from mlx_fusion.patterns import Activation, BinaryActivation, BinaryOp, LinearLayer, ScalarActivation, ScalarOp
 from mlx_fusion.tracker import (CACHE_FORMAT, CACHE_SCHEMA, PerformanceTracker, TrackerCacheWarning,
-                                default_cache_path, default_tracker, reset_default_tracker, size_bucket)
+                                default_cache_path, default_tracker, price, reset_default_tracker, size_bucket)
 from tests._graphs import trace_graph
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +72,8 @@ def test_corrupt_file_warns_and_is_empty(private_cache):
     with pytest.warns(TrackerCacheWarning, match="corrupt"):
         assert t.lookup(ADD_RELU, mx.float32, 4096, "cpu") is None
     t.record(fake_result(), device=CPU)  # the next save replaces the broken file
-    with pytest.warns(TrackerCacheWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # this tracker already said so: once is enough
         assert t.save()
     assert PerformanceTracker().lookup(ADD_RELU, mx.float32, 16 * 4096, "cpu") == pytest.approx(2.0)
 
@@ -153,9 +159,13 @@ def two_fusions():
     return trace_graph(lambda a, b: (nn.relu(a + b), nn.gelu(a * b)), x, x)
 
 
-def detect(tracker="default"):
-    opt = FusionOptimizer(FusionConfig(min_tensor_size=0), device="cpu",
-                          **({} if tracker == "default" else {"tracker": tracker}))
+def detect(use_cache=True):
+    """The optimizer pricing with the tracker (what fuse() does), or with its cost model only."""
+    if "price" in inspect.signature(FusionOptimizer).parameters:
+        kw = {"price": price if use_cache else None}
+    else:  # the optimizer before it took a price function: tracker=None meant default_tracker()
+        kw = {} if use_cache else {"tracker": False}
+    opt = FusionOptimizer(FusionConfig(min_tensor_size=0), device="cpu", **kw)
     return {o.name: o for o in opt.detect_opportunities(two_fusions())}
 
 
@@ -172,7 +182,7 @@ def test_measured_slower_is_skipped_and_others_kept():
     reset_default_tracker()  # as a new process would: read back from the file
     found = detect()
     assert set(found) == {"mul+gelu"} and found["mul+gelu"].source == "model"
-    assert set(detect(tracker=False)) == {"add+relu", "mul+gelu"}  # False: the model only
+    assert set(detect(use_cache=False)) == {"add+relu", "mul+gelu"}  # the model only
 
 
 def test_measured_faster_sets_speedup_and_source():
@@ -234,3 +244,138 @@ def test_shipped_priors_decide_when_nothing_is_measured(monkeypatch):
     assert prior_speedup(BinaryActivation(BinaryOp.ADD, Activation.RELU), "float32", 2**24, "metal") is None
     monkeypatch.setenv("MLX_FUSION_NO_PRIORS", "1")
     assert prior_speedup(BinaryActivation(BinaryOp.ADD, Activation.RELU), "bfloat16", 2**24, "cuda") is None
+
+
+# -- robustness (issue 11): a bad entry, a killed writer, the umask ----------------------------------------
+GOOD_KEY = f"{CPU}|add+relu|float32|{size_bucket(16 * 4096)}"
+
+
+@pytest.mark.parametrize("bad", [{"speedup": None}, {"speedup": "fast"}, {"fused_us": 1.0}, {"speedup": -2.0},
+                                 {"speedup": 0.0}, {"speedup": float("nan")}, {"speedup": float("inf")},
+                                 {"speedup": True}, "not a dict", None])
+def test_one_malformed_entry_is_skipped_with_one_warning(private_cache, bad):
+    t = PerformanceTracker()
+    bad_key = f"{CPU}|mul+gelu|float32|{size_bucket(16 * 4096)}"
+    neighbour = f"{CPU}|mul+gelu|float32|{size_bucket(16 * 4096) + 1}"  # would be averaged with bad_key
+    t.path.write_text(json.dumps({"format": CACHE_FORMAT, "schema": CACHE_SCHEMA, "mlx_version": mx.__version__,
+                                  "entries": {GOOD_KEY: {"speedup": 2.0}, bad_key: bad,
+                                              neighbour: {"speedup": 3.0}, "no|bucket": {"speedup": 1.0}}}))
+    with pytest.warns(TrackerCacheWarning, match="malformed") as caught:
+        assert t.lookup(ADD_RELU, mx.float32, 16 * 4096, "cpu") == pytest.approx(2.0)
+        mul_gelu = BinaryActivation(BinaryOp.MUL, Activation.GELU)
+        assert t.lookup(mul_gelu, mx.float32, 16 * 4096, "cpu") == pytest.approx(3.0)
+        assert t.price(mul_gelu, mx.float32, 16 * 4096, "cpu").source == "measured"
+    assert len([w for w in caught if issubclass(w.category, TrackerCacheWarning)]) == 1
+    assert "2 malformed entries" in str(caught[0].message)
+    t.record(fake_result(op="add+gelu"), device=CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already reported by this tracker
+        assert t.save()
+    kept = json.loads(t.path.read_text())["entries"]
+    assert bad_key not in kept and GOOD_KEY in kept and len(kept) == 3  # the save drops the bad ones
+
+
+def test_a_malformed_entry_does_not_stop_fusion(private_cache):
+    """What issue 11 saw: `"speedup": null` made lookup raise and fuse() fall back for the whole model."""
+    import mlx_fusion
+
+    default_tracker().path.write_text(json.dumps({
+        "format": CACHE_FORMAT, "schema": CACHE_SCHEMA, "mlx_version": mx.__version__,
+        "entries": {f"{CPU}|linear+bias+relu|float32|{b}": {"speedup": None} for b in range(12)}}))
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+    x = mx.ones((8, 16))
+    with pytest.warns(TrackerCacheWarning, match="malformed"), mlx_fusion.fusion_config(min_tensor_size=0):
+        fused = mlx_fusion.fuse(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", mlx_fusion.FusionFallbackWarning)
+            assert mx.allclose(fused(x), model(x)).item()
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from mlx_fusion.benchmark import BenchResult
+from mlx_fusion.tracker import PerformanceTracker
+t = PerformanceTracker(sys.argv[1])
+t.record(BenchResult(op="add+relu", kind="binary", pass_="fwd", shape=(1, 4096), dtype="float32",
+                     eager_us=1.0, compiled_us=1.0, fused_us=0.5, bytes_moved=1), device="dev")
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # die with the temp file half written
+t.save()
+"""
+
+
+def test_a_writer_killed_mid_save_leaves_no_pile_of_temp_files(private_cache):
+    path = private_cache / "perf.json"
+    (private_cache / (path.name + "a1b2c3.tmp")).write_text("{")  # an older version's orphan
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path)], env=env, cwd=ROOT, timeout=60)
+        assert p.returncode == -signal.SIGKILL
+        assert len(list(private_cache.glob("*.tmp"))) == 1  # the same name each time, not one more per kill
+    assert not path.exists()
+    t = PerformanceTracker(path)
+    t.record(fake_result(), device=CPU)
+    assert t.save()
+    assert list(private_cache.glob("*.tmp")) == []  # the next save cleans up
+    assert PerformanceTracker(path).lookup(ADD_RELU, mx.float32, 16 * 4096, "cpu") == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_cache_file_mode_follows_the_umask(private_cache, umask):
+    old = os.umask(umask)
+    try:
+        t = PerformanceTracker()
+        t.record(fake_result(), device=CPU)
+        assert t.save()
+        t.record(fake_result(op="add+gelu"), device=CPU)
+        assert t.save()  # replacing an existing file too
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(t.path.stat().st_mode) == 0o666 & ~umask
+
+
+# -- the price function the optimizer takes ------------------------------------------------------------
+def test_price_is_measured_else_shipped_else_none(monkeypatch):
+    gelu = BinaryActivation(BinaryOp.MUL, Activation.GELU)
+    assert price(gelu, mx.float32, 2**20, "cpu") is None  # priors off (conftest), nothing measured
+    monkeypatch.delenv("MLX_FUSION_NO_PRIORS")
+    shipped = price(gelu, mx.float32, 2**20, "cpu")
+    assert shipped is not None and shipped.source == "shipped" and isinstance(shipped, float)
+    default_tracker().record(fake_result(op="mul+gelu", shape=(256, 4096)), device=CPU)
+    measured = price(gelu, mx.float32, 2**20, "cpu")
+    assert (measured, measured.source) == (pytest.approx(2.0), "measured")
+    assert measured == default_tracker().lookup(gelu, mx.float32, 2**20, "cpu")
+
+
+def _top_level_imports(path: Path) -> set:
+    import ast
+
+    found = set()
+    for node in ast.parse(path.read_text()).body:  # module level only: lazy imports inside functions are fine
+        if isinstance(node, ast.ImportFrom):
+            found.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def test_the_measurement_layer_imports_nothing_above_it_at_import_time():
+    """vocabulary -> ops -> graph -> fuse -> measure -> cli: the cache, priors, settings and device
+    modules sit below graph/; the tracker needs neither graph/ nor the benchmark code to load."""
+    above = {".graph", ".fuse", ".benchmark", ".tracker", ".models", ".cli", ".coreml"}
+    allowed = {  # module -> the package modules it may import at module level
+        "device.py": set(), "settings.py": set(), "timing.py": set(), "perfcache.py": set(),
+        "config.py": {".device", ".settings"}, "priors.py": {".device", ".perfcache"},
+        "tracker.py": {".device", ".patterns", ".perfcache", ".priors"},
+    }
+    for name, ok in allowed.items():
+        local = {i for i in _top_level_imports(ROOT / "mlx_fusion" / name) if i.startswith(".")}
+        assert local <= ok, f"mlx_fusion/{name} imports {sorted(local - ok)} at module level"
+        assert not local & above
+
+
+@pytest.mark.xfail(reason="graph/optimizer.py takes price= on the ops branch; not yet merged here", strict=False)
+def test_graph_imports_neither_tracker_nor_benchmark():
+    for path in (ROOT / "mlx_fusion" / "graph").glob("*.py"):
+        text = path.read_text()
+        for mod in ("tracker", "benchmark"):
+            assert f"from ..{mod} import" not in text and f"mlx_fusion.{mod}" not in text, f"{path} imports {mod}"

@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from mlx_fusion import ops
 from mlx_fusion.benchmark import time_call
-from mlx_fusion.models import _peak_memory
+from mlx_fusion.timing import peak_memory
 from mlx_fusion.ops import linear as linear_mod
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -162,7 +162,7 @@ def memory():
         vg = nn.value_and_grad(model, lambda x: model(x).astype(mx.float32).sum())
         step = mx.compile(vg, inputs=model.state, outputs=model.state)
         t = time_call(step, [x], calls_per_eval=2, repeats=7, warmup=2)
-        peak, extra = _peak_memory(step, [x])
+        peak, extra = peak_memory(step, [x])
         print(f"  {label:15s} {t*1e3:8.2f} ms  peak {peak/2**20:7.0f} MiB  over resident {extra/2**20:7.0f} MiB")
         rows.append(dict(mode=label, ms=t * 1e3, peak_mib=peak / 2**20, over_resident_mib=extra / 2**20))
         del model, vg, step

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_fusion.tracker import _key, _output_size, case_for_pattern, size_bucket  # noqa: E402
+from mlx_fusion.benchmark import case_for_pattern  # noqa: E402
+from mlx_fusion.perfcache import cache_key, output_size, size_bucket  # noqa: E402
 
 
 def main(kind, *paths):
@@ -29,8 +30,8 @@ def main(kind, *paths):
         source.add(f"{data['device']}, MLX {data['mlx']}")
         for r in data["results"]:
             case = case_for_pattern(r["op"])
-            bucket = size_bucket(_output_size(case, tuple(r["shape"])))
-            key = _key(kind, case.pattern, r["dtype"], bucket)
+            bucket = size_bucket(output_size(case.kind, tuple(r["shape"])))
+            key = cache_key(kind, case.pattern, r["dtype"], bucket)
             best[key] = min(best.get(key, float("inf")), r["speedup"])
     for key, s in best.items():
         _, name, dtype, bucket = key.split("|")

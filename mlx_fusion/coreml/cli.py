@@ -4,7 +4,11 @@ Works on any OS (conversion does not need Core ML itself). Prints one row per
 block (ops, input/output shapes, weight size, estimated work) and the reasons
 other nodes stay in MLX, and writes the same as ``DIR/blocks.json``.
 
-    def register(subparsers): ...   # called by mlx_fusion/cli.py
+    def register(subparsers): ...   # called by mlx_fusion/cli (SUBCOMMANDS)
+
+Exit codes as the main command (docs/cli.md): 2 for a bad ``--min-flops`` or an
+``--out`` that is not a usable directory (checked before any work), 3/4 for a bad
+SPEC, 5 without coremltools, 6 for a model that cannot be traced.
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
+from ..cli.common import EXIT_NO_COREMLTOOLS, EXIT_TRACE, EXIT_USAGE, SPEC_HELP
+from ..cli.options import non_negative_float
 from .options import COMPUTE_UNITS, DEFAULT_MIN_FLOPS, OffloadOptions
 
-__all__ = ["register", "run", "export"]
-
-EXIT_NO_COREMLTOOLS = 5
+__all__ = ["register", "run", "export", "EXIT_NO_COREMLTOOLS"]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -28,9 +32,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         "coreml", help="export Neural Engine blocks as Core ML packages (any OS)",
         description="Trace SPEC, find the blocks Core ML can run, convert them to fp16 ML Programs "
                     "(.mlpackage) under --out and print a table of them.")
-    p.add_argument("spec", metavar="SPEC", help="a demo model (mlp, gelu-mlp, transformer, ...) or path/file.py:factory")
-    p.add_argument("--out", required=True, help="directory for the .mlpackage files and blocks.json")
-    p.add_argument("--min-flops", type=float, default=DEFAULT_MIN_FLOPS,
+    p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--out", required=True, help="directory for the .mlpackage files and blocks.json (created)")
+    p.add_argument("--min-flops", type=non_negative_float, default=DEFAULT_MIN_FLOPS,
                    help=f"smallest block worth offloading, in estimated FLOPs (default {DEFAULT_MIN_FLOPS:g})")
     p.add_argument("--compute-units", choices=COMPUTE_UNITS, default="CPU_AND_NE",
                    help="stored for the runtime; Core ML packages do not record it (default CPU_AND_NE)")
@@ -38,28 +42,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print blocks.json instead of a table")
     p.set_defaults(func=run)
     return p
-
-
-def _resolve(spec: str, seed: int):
-    """(model, inputs) via mlx_fusion.models; a tiny fallback if that module is absent."""
-    try:
-        from ..models import load_spec
-    except ImportError:
-        load_spec = None
-    if load_spec is not None:
-        return load_spec(spec, seed=seed)
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    mx.random.seed(seed)
-    demos = {
-        "mlp": lambda: (nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 512)), (16, 512)),
-        "gelu-mlp": lambda: (nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512)), (16, 512)),
-    }
-    if spec not in demos:
-        raise ValueError(f"unknown model {spec!r} (mlx_fusion.models is not installed; demos: {sorted(demos)})")
-    model, shape = demos[spec]()
-    return model, (mx.random.normal(shape),)
 
 
 def export(model, inputs, out_dir, options: OffloadOptions) -> dict:
@@ -130,25 +112,57 @@ def _print_table(result: dict, out_dir: Path) -> None:
         print("no block was offloaded (see the reasons above; --min-flops 0 exports every candidate)")
 
 
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _out_dir(text: str) -> Path:
+    """`--out` as a directory that exists now; ValueError (one line) if it cannot be."""
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {text}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {text}: cannot create the directory ({e.strerror or e})") from None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``coreml`` handler; returns the exit status."""
+    from ..graph.trace import TraceError
+    from ..models import SpecError, load_spec
     from . import CoreMLUnavailable, require_coremltools
 
     try:
         require_coremltools()
     except CoreMLUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_NO_COREMLTOOLS
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        _error(f"--out {args.out}: exists and is not a directory")
+        return EXIT_USAGE
     try:
-        model, inputs = _resolve(args.spec, args.seed)
-    except ValueError as e:  # models.SpecError is a ValueError with an exit_code
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 3)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        model, inputs = load_spec(args.spec, seed=args.seed)
+    except SpecError as e:
+        _error(str(e))
+        return e.exit_code
+    try:
+        out_dir = _out_dir(args.out)  # created only once the SPEC is known to be good
+    except ValueError as e:
+        _error(str(e))
+        return EXIT_USAGE
     options = OffloadOptions(min_flops=args.min_flops, compute_units=args.compute_units, cache_dir=str(out_dir))
-    result = export(model, inputs, out_dir, options)
-    (out_dir / "blocks.json").write_text(json.dumps(result, indent=2, default=str))
+    try:
+        result = export(model, inputs, out_dir, options)
+    except TraceError as e:
+        _error(f"cannot trace {args.spec}: {e}")
+        return EXIT_TRACE
+    try:
+        (out_dir / "blocks.json").write_text(json.dumps(result, indent=2, default=str))
+    except OSError as e:
+        _error(f"--out {args.out}: cannot write blocks.json ({e.strerror or e})")
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -156,11 +170,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: List[str] = None) -> int:  # `python -m mlx_fusion.coreml.cli` without the main CLI
-    parser = argparse.ArgumentParser(prog="mlx-fusion")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+def main(argv: Optional[List[str]] = None) -> int:  # `python -m mlx_fusion.coreml.cli ARGS` = `mlx-fusion coreml ARGS`
+    from ..cli import main as cli_main
+
+    return cli_main(["coreml", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

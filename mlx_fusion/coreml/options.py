@@ -1,5 +1,6 @@
 """Offload settings: one frozen `OffloadOptions`, a process-wide default and a
-thread-local override (`offload_options(...)`), like `mlx_fusion.config`.
+thread-local override (`offload_options(...)`): the same `mlx_fusion.settings.Settings`
+mechanism as `mlx_fusion.config`.
 
 `FusionConfig.neural_engine` switches offload on; these say *how*. They are
 not part of `fuse`'s trace cache key: change them before the first call.
@@ -7,13 +8,12 @@ not part of `fuse`'s trace cache key: change them before the first call.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
+
+from ..settings import Settings
 
 __all__ = ["OffloadOptions", "DEFAULT_MIN_FLOPS", "COMPUTE_UNITS", "get_options", "set_options",
            "offload_options", "cache_dir"]
@@ -44,7 +44,7 @@ class OffloadOptions:
 
     min_flops: float = DEFAULT_MIN_FLOPS
     compute_units: str = "CPU_AND_NE"
-    cache_dir: str = None
+    cache_dir: Optional[str] = None
     force: bool = False
     predictor: str = "coreml"
 
@@ -57,42 +57,25 @@ class OffloadOptions:
             raise ValueError(f"min_flops must be a number >= 0, got {self.min_flops!r}")
 
 
-_lock = threading.Lock()
-_global = OffloadOptions()
-_local = threading.local()
+_SETTINGS: Settings[OffloadOptions] = Settings(OffloadOptions)
 
 
 def get_options() -> OffloadOptions:
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
-    with _lock:
-        return _global
+    """The options in effect for this thread: its innermost `offload_options`, else the global ones."""
+    return _SETTINGS.get()
 
 
 def set_options(**changes) -> OffloadOptions:
     """Change the process-wide options; returns the new ones."""
-    global _global
-    with _lock:
-        _global = dataclasses.replace(_global, **changes)
-        return _global
+    return _SETTINGS.set(**changes)
 
 
-@contextlib.contextmanager
 def offload_options(**changes) -> Iterator[OffloadOptions]:
     """Temporarily change the options for this thread; nests."""
-    new = dataclasses.replace(get_options(), **changes)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(new)
-    try:
-        yield new
-    finally:
-        stack.pop()
+    return _SETTINGS.override(**changes)
 
 
-def cache_dir(options: OffloadOptions = None) -> Path:
+def cache_dir(options: Optional[OffloadOptions] = None) -> Path:
     """The package cache: ``options.cache_dir``, else ``$MLX_FUSION_COREML_CACHE``, else
     ``$MLX_FUSION_CACHE/coreml``, else ``$XDG_CACHE_HOME/mlx-fusion/coreml`` (``~/.cache``)."""
     options = options or get_options()

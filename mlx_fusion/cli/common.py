@@ -1,0 +1,134 @@
+"""What every subcommand shares: exit codes, consoles, one-line errors, output paths
+checked before the work, JSON reports and table helpers."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+
+from ..models.spec import describe_demos
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_COREMLTOOLS, EXIT_TRACE, EXIT_INTERRUPTED = 0, 1, 2, 5, 6, 130
+BENCH_SCHEMA = "mlx-fusion-bench/1"
+
+SPEC_HELP = ("model SPEC: a demo model NAME[:key=value,...] or path/to/file.py:factory where "
+             "factory() returns (model, example_inputs). Demo models: " + "; ".join(describe_demos()))
+
+
+class UsageError(Exception):
+    """A bad option value found after argparse (exit 2)."""
+
+
+def consoles():
+    """(stdout console, stderr console)."""
+    from rich.console import Console
+
+    out = Console(highlight=False)
+    if not out.is_terminal:  # piped or captured: don't squeeze tables into 80 columns
+        out = Console(highlight=False, width=200)
+    return out, Console(stderr=True, highlight=False)
+
+
+def error(err, message: str) -> None:
+    """The one `error: ...` line on stderr."""
+    from rich.text import Text
+
+    err.print(Text.assemble(("error: ", "bold red"), message))
+
+
+def set_device(name: Optional[str]) -> None:
+    if name == "gpu" and not mx.is_available(mx.gpu):
+        raise UsageError("--device gpu: this MLX build has no GPU backend (Metal or CUDA) available")
+    if name:
+        mx.set_default_device(mx.gpu if name == "gpu" else mx.cpu)
+
+
+def check_writable(path: Optional[str], option: str) -> None:
+    """UsageError now, before minutes of work, if `path` cannot be written as a file."""
+    if path is None:
+        return
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        problem = "is a directory"
+    elif not parent.is_dir():
+        problem = f"directory {parent} does not exist"
+    elif not os.access(p if p.exists() else parent, os.W_OK):
+        problem = "permission denied"
+    else:
+        return
+    raise UsageError(f"{option} {path}: cannot write ({problem})")
+
+
+def write_text(path: str, text: str, option: str, err) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as e:  # changed since check_writable: still one line, not a traceback
+        raise UsageError(f"{option} {path}: cannot write ({e.strerror or e})") from None
+    err.print(f"wrote {path}")
+
+
+def env(argv: List[str]) -> dict:
+    """The keys every JSON report starts with (docs/cli.md)."""
+    from .. import __version__
+    from ..device import device_description, device_id, device_kind
+
+    return {"schema": BENCH_SCHEMA, "command": "mlx-fusion " + " ".join(argv), "argv": list(argv),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_description(), "device_kind": device_kind(), "device_id": device_id(),
+            "mlx_version": mx.__version__, "mlx_fusion_version": __version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _clean(x):
+    """JSON has no NaN/inf: write null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(path: str, data: dict, err) -> None:
+    write_text(path, json.dumps(_clean(data), indent=1) + "\n", "--json", err)
+
+
+def print_table(out, table) -> None:
+    """Print without truncating numbers: a terminal narrower than the table wraps its lines
+    rather than rich eliding cells."""
+    from rich.measure import Measurement
+
+    need = Measurement.get(out, out.options.update(max_width=10_000), table).maximum
+    if need > out.width:
+        out.width = need
+    out.print(table)
+
+
+def speedup_text(x: Optional[float]) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    color = "green" if x >= 1.05 else ("red" if x <= 0.95 else "")
+    return f"[{color}]{x:.2f}x[/]" if color else f"{x:.2f}x"
+
+
+def progress(err):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=True)
+
+
+def bytes_text(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
