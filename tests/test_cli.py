@@ -221,3 +221,144 @@ def test_graphs_to_dot_escapes_quotes():
     g = Graph(inputs=[v], outputs=[w], nodes=[Node(0, "Abs", [v], [w])])
     text = graphs_to_dot({"only": g})
     assert 'label="we\\"ird"' in text and "cluster_only" in text
+
+
+# -- bad values end in the documented exit codes with one line, never a traceback (issue 11) ----------------
+def one_error_line(err, noise=False):
+    """stderr is one `error: ...` line; with `noise`, after lines other libraries print on
+    import (coremltools and transformers talk when loaded), but still no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    if noise:
+        return "Traceback" not in err and [x for x in lines if x.startswith("error:")] == lines[-1:]
+    return len(lines) == 1 and lines[0].startswith("error:")
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--model", TINY_MLP, "--quick", "--min-size", "-1"],
+    ["inspect", TINY_MLP, "--min-size", "-1"],
+    ["inspect", TINY_MLP, "--min-size", "many"],
+    ["coreml", TINY_MLP, "--out", "{tmp}/pk", "--min-flops", "-1"],
+    ["coreml", TINY_MLP, "--out", "{tmp}/pk", "--min-flops", "nan"],
+])
+def test_negative_counts_are_usage_errors(capsys, tmp_path, argv):
+    code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == EXIT_USAGE and out == "" and "Traceback" not in err
+    assert re.search(r"error: argument --min-(size|flops): ", err)  # argparse: its usage line, then this
+    assert not (tmp_path / "pk").exists()
+
+
+@pytest.fixture
+def blocked(tmp_path):
+    """Output paths that cannot be written: under a file, in a missing directory, a directory."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "adir").mkdir()
+    return [tmp_path / "file" / "out.json", tmp_path / "missing" / "out.json", tmp_path / "adir"]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("command", [
+    ["bench", "--quick", "--ops", "add+relu", "--sizes", "4096", "--json"],
+    ["bench", "--quick", "--model", TINY_MLP, "--json"],
+    ["inspect", TINY_MLP, "--json"],
+    ["inspect", TINY_MLP, "--dot"],
+])
+def test_unwritable_output_fails_before_the_work(capsys, blocked, private_cache, command, which):
+    code, out, err = run(capsys, *command, str(blocked[which]))
+    assert code == EXIT_USAGE
+    assert out == ""  # nothing measured or traced: no device line, no table
+    assert one_error_line(err) and "cannot write" in err and command[-1] in err
+    assert list(private_cache.iterdir()) == []  # no cache update either
+
+
+def test_sizes_are_measured_at_exactly_the_count_given(capsys, tmp_path):
+    path = tmp_path / "out.json"
+    code, _, err = run(capsys, "bench", "--quick", "--ops", "add+relu", "--sizes", "10000,8K", "--no-cache",
+                       "--json", str(path))
+    assert code == 0, err
+    shapes = [r["shape"] for r in json.loads(path.read_text())["results"]]
+    assert shapes == [[1, 10000], [2, 4096]]
+
+
+def test_a_malformed_cache_entry_does_not_break_inspect(capsys, private_cache):
+    from mlx_fusion.benchmark import device_id
+    from mlx_fusion.tracker import CACHE_FORMAT, CACHE_SCHEMA, TrackerCacheWarning
+
+    entries = {f"{device_id()}|linear+bias+relu|float32|{b}": {"speedup": None} for b in range(10)}
+    PerformanceTracker().path.write_text(json.dumps({"format": CACHE_FORMAT, "schema": CACHE_SCHEMA,
+                                                     "mlx_version": mx.__version__, "entries": entries}))
+    with pytest.warns(TrackerCacheWarning, match="malformed"):
+        code, out, err = run(capsys, "inspect", TINY_MLP, "--min-size", "0")
+    assert code == 0, err
+    assert "linear+bias+relu" in out and "model" in out  # priced by the bandwidth model instead
+
+
+# -- coreml: untraceable models, --out ----------------------------------------------------------------------
+UNTRACEABLE = '''
+import mlx.core as mx
+
+def make():
+    return (lambda x: x * x.sum().item()), mx.ones((4, 4))
+'''
+
+
+def test_coreml_untraceable_spec_exits_6(capsys, tmp_path):
+    pytest.importorskip("coremltools")
+    path = tmp_path / "untraceable.py"
+    path.write_text(UNTRACEABLE)
+    code, out, err = run(capsys, "coreml", f"{path}:make", "--out", str(tmp_path / "pk"))
+    assert code == 6 and out == ""
+    assert one_error_line(err, noise=True) and "cannot trace" in err
+
+
+def test_coreml_out_is_an_existing_file_exits_2(capsys, tmp_path):
+    pytest.importorskip("coremltools")
+    target = tmp_path / "already-here"
+    target.write_text("keep me")
+    code, out, err = run(capsys, "coreml", TINY_MLP, "--out", str(target))
+    assert code == EXIT_USAGE and out == "" and one_error_line(err, noise=True) and "not a directory" in err
+    assert target.read_text() == "keep me"
+
+
+def test_coreml_bad_spec_exits_3(capsys, tmp_path):
+    pytest.importorskip("coremltools")
+    code, out, err = run(capsys, "coreml", "resnet", "--out", str(tmp_path / "pk"))
+    assert code == EXIT_BAD_SPEC and one_error_line(err, noise=True) and not (tmp_path / "pk").exists()
+
+
+# -- extension points: one add_parser per subcommand, SPEC prefixes ------------------------------------------
+def test_a_subcommand_plugs_in_with_one_function(capsys, monkeypatch):
+    from mlx_fusion import cli
+
+    def add_parser(sub):
+        p = sub.add_parser("hello", help="say hello")
+        p.add_argument("--name", default="mlx")
+        p.set_defaults(func=lambda args: print(f"hello {args.name}") or 7)
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", cli.SUBCOMMANDS + [add_parser])
+    code, out, _ = run(capsys, "hello", "--name", "you")
+    assert (code, out) == (7, "hello you\n")
+    assert "hello" in run(capsys, "--help")[1]
+
+
+def toy_build(spec):
+    """A SPEC builder for the prefix test: "toy:N" -> an N-wide Linear+ReLU and its input."""
+    import mlx.nn as nn
+
+    width = int(spec.split(":")[1])  # a ValueError is the builder's "bad SPEC"
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU()), mx.ones((2, width))
+
+
+def test_spec_prefixes_call_their_builder(capsys, monkeypatch):
+    from mlx_fusion.models import spec as spec_mod
+
+    monkeypatch.setitem(spec_mod.SPEC_BUILDERS, "toy", "tests.test_cli:toy_build")
+    monkeypatch.setitem(spec_mod.SPEC_BUILDERS, "gone", "mlx_fusion.no_such_module:build")
+    model, (x,) = load_spec("toy:8")
+    assert model(x).shape == (2, 8)
+    with pytest.raises(SpecError) as e:
+        load_spec("toy:eight")
+    assert e.value.exit_code == EXIT_BAD_SPEC
+    code, _, err = run(capsys, "inspect", "gone:x")
+    assert code == EXIT_LOAD_FAILED and "no_such_module" in err
+    code, out, err = run(capsys, "inspect", "toy:64", "--min-size", "0")
+    assert code == 0 and "linear+bias+relu" in out, err

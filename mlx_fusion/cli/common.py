@@ -40,7 +40,7 @@ def error(err, message: str) -> None:
     """The one `error: ...` line on stderr."""
     from rich.text import Text
 
-    err.print(Text.assemble(("error: ", "bold red"), message))
+    err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)  # one line, however long
 
 
 def set_device(name: Optional[str]) -> None:
