@@ -3,7 +3,6 @@ optimizer deciding from measurements. No timing assertions: speed lives in bench
 
 import inspect
 import json
-import math
 import os
 import signal
 import stat

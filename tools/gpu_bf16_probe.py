@@ -6,7 +6,7 @@ stripped-down variants of add+relu at 64M bf16 elements, all under mx.compile.
 import mlx.core as mx
 
 from mlx_fusion import ops
-from mlx_fusion.benchmark import time_call
+from mlx_fusion.timing import time_call
 from mlx_fusion.kernels import kernel_source
 
 HEADER = kernel_source("binary_activation", "cuda")[0]

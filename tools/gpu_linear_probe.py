@@ -4,7 +4,6 @@ fused training step keeps in memory. One run prints both tables.
     PYTHONPATH=. python3 tools/gpu_linear_probe.py [small_m] [memory]
 """
 import json
-import math
 import os
 import sys
 
@@ -12,8 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_fusion import ops
-from mlx_fusion.benchmark import time_call
-from mlx_fusion.timing import peak_memory
+from mlx_fusion.timing import peak_memory, time_call
 from mlx_fusion.ops import linear as linear_mod
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -71,7 +69,6 @@ def time_rotating(fn, sets):
 
 def small_m():
     rows = []
-    fused_c = mx.compile(fused)
     print("\ntiming, bf16, K=4096, relu, 8 rotating weights; us per call (under mx.compile unless eager)")
     print(f"{'M':>3} {'N':>6} {'small':>5} {'eager':>8} {'compile':>8} {'fused addmm':>11} {'fused':>8} "
           f"{'vs compile':>10} {'HBM GB/s':>8}")

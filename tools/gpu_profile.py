@@ -6,8 +6,8 @@ import time
 
 import mlx.core as mx
 
-from mlx_fusion import kernels, ops
-from mlx_fusion.benchmark import time_call
+from mlx_fusion import ops
+from mlx_fusion.timing import time_call
 from mlx_fusion.ops.elementwise import _binary_primitive, launch_binary
 from mlx_fusion.patterns import Activation, BinaryOp
 

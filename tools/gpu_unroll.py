@@ -7,7 +7,7 @@ mx.compile and MLX's own copy, all under mx.compile (no Python per call).
 import mlx.core as mx
 
 from mlx_fusion import ops
-from mlx_fusion.benchmark import copy_bandwidth, time_call
+from mlx_fusion.timing import copy_bandwidth, time_call
 from mlx_fusion.ops import common
 
 

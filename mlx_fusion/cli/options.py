@@ -1,7 +1,7 @@
 """Option values of the `mlx-fusion` command: `--ops`, `--dtypes`, `--sizes` and the
 argparse types for counts, each failing with a message that names the option.
 
-Also used by benchmarks/ops.py.
+Importable without the CLI: `select_ops("mul+*")`, `parse_sizes("64K,1x512x512")`.
 """
 
 from __future__ import annotations
