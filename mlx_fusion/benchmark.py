@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import mlx.core as mx
 
-from .device import device_description, device_id, device_kind  # noqa: F401  (re-exported)
+from .device import device_description, device_id, device_kind, on_gpu  # noqa: F401  (re-exported)
 from .ops.elementwise import fused_scalar, scalar_reference
 from .ops.registry import FUSED_OPS, OpCase
 from .perfcache import dtype_name
@@ -194,7 +194,7 @@ def bench_plan(ops: Optional[Iterable[OpCase]] = None, dtypes: Sequence = (mx.fl
                shapes: Optional[Dict[str, List[Tuple[int, ...]]]] = None,
                quick: bool = False) -> List[Tuple[OpCase, Tuple[int, ...], object]]:
     """The (case, shape, dtype) configurations `run_ops_benchmark` times, in order."""
-    gpu = mx.default_device().type == mx.DeviceType.gpu
+    gpu = on_gpu()
     ops = list(ops if ops is not None else FUSED_OPS)
     return [(case, shape, dtype) for dtype in dtypes for case in ops
             for shape in (shapes or {}).get(case.kind) or default_shapes(case.kind, gpu, quick)]

@@ -15,7 +15,12 @@ from typing import Optional
 
 import mlx.core as mx
 
-__all__ = ["gpu_backend", "current_device_kind", "device_kind", "device_name", "device_id", "device_description"]
+__all__ = ["on_gpu", "gpu_backend", "current_device_kind", "device_kind", "device_name", "device_id", "device_description"]
+
+
+def on_gpu() -> bool:
+    """True if MLX's default device is a GPU."""
+    return mx.default_device().type == mx.DeviceType.gpu
 
 
 def gpu_backend() -> Optional[str]:
@@ -30,9 +35,7 @@ def gpu_backend() -> Optional[str]:
 
 def current_device_kind() -> str:
     """"metal", "cuda" or "cpu": where MLX's default device runs now."""
-    if mx.default_device().type == mx.DeviceType.gpu:
-        return gpu_backend() or "cpu"
-    return "cpu"
+    return (gpu_backend() or "cpu") if on_gpu() else "cpu"
 
 
 device_kind = current_device_kind  # the name the benchmark reports use
@@ -70,6 +73,6 @@ def device_id(kind: Optional[str] = None) -> str:
 def device_description() -> str:
     """e.g. "gpu (cuda: NVIDIA H100 80GB HBM3)", "gpu (metal: Apple M2)", "cpu (x86_64: Intel Xeon)"."""
     name = device_name()
-    if mx.default_device().type == mx.DeviceType.gpu:
+    if on_gpu():
         return f"gpu ({current_device_kind()}{': ' + name if name else ''})"
     return f"cpu ({platform.machine()}{': ' + name if name and name != platform.machine() else ''})"

@@ -14,6 +14,8 @@ from typing import Callable, Sequence, Tuple
 
 import mlx.core as mx
 
+from .device import on_gpu
+
 __all__ = ["time_call", "default_timing", "copy_bandwidth", "peak_memory"]
 
 
@@ -37,7 +39,7 @@ def time_call(fn: Callable, args: Sequence, calls_per_eval: int = 10, repeats: i
 def default_timing(quick: bool = False) -> dict:
     """`time_call` settings: a GPU needs several calls per eval to hide the sync; a CPU is
     synchronous, so fewer calls and a time budget per measurement keep runs short."""
-    if mx.default_device().type == mx.DeviceType.gpu:
+    if on_gpu():
         return dict(calls_per_eval=10, repeats=7 if quick else 15, min_time_s=0.5 if quick else 0.0)
     return dict(calls_per_eval=2 if quick else 3, repeats=5, warmup=1 if quick else 2,
                 min_time_s=0.05 if quick else 0.5)

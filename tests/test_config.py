@@ -184,3 +184,15 @@ def test_settings_set_reset_and_threads():
         assert s.get().a == 3
     assert seen["other"] == 2  # an override is this thread's only
     assert s.reset() == Knobs() and s.get().a == 1
+
+
+def test_one_device_detection():
+    from mlx_fusion import benchmark, device
+
+    assert cfg.current_device_kind is device.current_device_kind  # graph/ imports it from config
+    assert benchmark.device_id is device.device_id and benchmark.device_kind is device.current_device_kind
+    kind = device.current_device_kind()
+    assert kind in ("metal", "cuda", "cpu") and device.device_id().split(":")[0] == kind
+    assert device.device_id("metal" if kind != "metal" else "cuda") in ("metal", "cuda")  # another kind: no name
+    assert device.on_gpu() == (kind != "cpu") or device.gpu_backend() is None
+    assert device.device_description().startswith("gpu (" if device.on_gpu() else "cpu (")
