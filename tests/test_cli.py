@@ -239,11 +239,12 @@ def one_error_line(err, noise=False):
     ["inspect", TINY_MLP, "--min-size", "many"],
     ["coreml", TINY_MLP, "--out", "{tmp}/pk", "--min-flops", "-1"],
     ["coreml", TINY_MLP, "--out", "{tmp}/pk", "--min-flops", "nan"],
+    ["coreml", TINY_MLP, "--out", "{tmp}/pk", "--seed", "-1"],
 ])
 def test_negative_counts_are_usage_errors(capsys, tmp_path, argv):
     code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
     assert code == EXIT_USAGE and out == "" and "Traceback" not in err
-    assert re.search(r"error: argument --min-(size|flops): ", err)  # argparse: its usage line, then this
+    assert re.search(r"error: argument --(min-size|min-flops|seed): ", err)  # argparse: its usage line, then this
     assert not (tmp_path / "pk").exists()
 
 

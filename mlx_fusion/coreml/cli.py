@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..cli.common import EXIT_NO_COREMLTOOLS, EXIT_TRACE, EXIT_USAGE, SPEC_HELP
-from ..cli.options import non_negative_float
+from ..cli.options import non_negative_float, non_negative_int
 from .options import COMPUTE_UNITS, DEFAULT_MIN_FLOPS, OffloadOptions
 
 __all__ = ["register", "run", "export", "EXIT_NO_COREMLTOOLS"]
@@ -38,7 +38,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"smallest block worth offloading, in estimated FLOPs (default {DEFAULT_MIN_FLOPS:g})")
     p.add_argument("--compute-units", choices=COMPUTE_UNITS, default="CPU_AND_NE",
                    help="stored for the runtime; Core ML packages do not record it (default CPU_AND_NE)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random weights of demo models (default 0)")
     p.add_argument("--json", action="store_true", help="print blocks.json instead of a table")
     p.set_defaults(func=run)
     return p
