@@ -5,10 +5,10 @@
     tracker.lookup(pattern, mx.float32, 1 << 20, "cuda")               # -> res.speedup
     FusionOptimizer(price=price)                   # measured, else shipped, else the cost model
 
-`price(pattern, dtype, size, device) -> Optional[float]` is what the optimizer asks for
-every match: this machine's measurement (`lookup`), else the speedup shipped for this
-kind of device (`mlx_fusion.priors`), else None (the optimizer's bandwidth model
-decides). A measurement below 1.0 drops the fusion. The speedup stored is fused time
+`price(pattern, dtype, size, device)` is what the optimizer asks for every match: this
+machine's measurement (`lookup`), else the speedup shipped for this kind of device
+(`mlx_fusion.priors`), as a `Speedup(speedup, source)`; else None (the optimizer's
+bandwidth model decides). A measurement below 1.0 drops the fusion. The speedup stored is fused time
 against the *better* of eager and `mx.compile`, because `fuse()` replays the unfused
 remainder under `mx.compile`: beating eager alone proves nothing.
 
@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -37,16 +37,12 @@ __all__ = ["PerformanceTracker", "Speedup", "TrackerCacheWarning", "default_trac
            "CACHE_SCHEMA"]
 
 
-class Speedup(float):
-    """A speedup (a float) that says where it came from: "measured" (this machine's cache)
-    or "shipped" (the priors). `FusionOpportunity.source` reports it."""
+class Speedup(NamedTuple):
+    """A price: the speedup and where it came from, "measured" (this machine's cache) or
+    "shipped" (the priors). A tuple, so the optimizer can unpack ``speedup, source``."""
 
+    speedup: float
     source: str
-
-    def __new__(cls, value: float, source: str):
-        self = super().__new__(cls, value)
-        self.source = source
-        return self
 
 
 def case_for_pattern(pattern):
@@ -111,8 +107,8 @@ class PerformanceTracker:
         return None
 
     def price(self, pattern, dtype, size: int, device: str) -> Optional[Speedup]:
-        """What the optimizer prices a match with: `lookup`, else `prior_speedup`, else None.
-        The result is a `Speedup` whose `source` is "measured" or "shipped"."""
+        """What the optimizer prices a match with: `Speedup(lookup(...), "measured")`, else
+        `Speedup(prior_speedup(...), "shipped")`, else None."""
         measured = self.lookup(pattern, dtype, size, device)
         if measured is not None:
             return Speedup(measured, "measured")
