@@ -39,10 +39,20 @@ def _add_coreml_parser(sub) -> None:
     coreml_cli.register(sub)
 
 
+def _add_run_parser(sub) -> None:
+    try:  # `mlx-fusion run mlx_lm.generate ...`: the mlx-lm drop-in, where mlx_fusion.lm is present
+        from ..lm.run import add_run_parser
+    except ModuleNotFoundError as e:
+        if e.name not in ("mlx_fusion.lm", "mlx_fusion.lm.run"):
+            raise
+        return
+    add_run_parser(sub)
+
+
 # One function per subcommand: add_parser(subparsers) adds its parser and sets `func`, a
 # handler(args) -> exit code that may raise UsageError (2) or SpecError (its exit_code).
 # A new subcommand appends its function here.
-SUBCOMMANDS: List[Callable] = [bench.add_parser, inspect_cmd.add_parser, _add_coreml_parser]
+SUBCOMMANDS: List[Callable] = [bench.add_parser, inspect_cmd.add_parser, _add_coreml_parser, _add_run_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
