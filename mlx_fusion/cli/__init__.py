@@ -24,7 +24,7 @@ import mlx.core as mx
 from ..models.spec import SpecError
 from . import bench, inspect_cmd
 from .common import (BENCH_SCHEMA, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRACE, EXIT_USAGE,  # noqa: F401
-                     UsageError, consoles, error)
+                     UsageError, _clean, consoles, error)
 from .inspect_cmd import graphs_to_dot  # noqa: F401  (public: tests and tools draw graphs with it)
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "UsageError", "graphs_to_dot", "EXIT_OK", "EXIT_ERROR",
