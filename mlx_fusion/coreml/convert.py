@@ -32,6 +32,7 @@ import numpy as np
 
 from ..graph.interpreter import PRIMITIVES
 from ..graph.ir import Graph, Node
+from ..ops.registry import DEFINITIONS
 from . import require_coremltools
 from .eligibility import Block
 from .options import OffloadOptions, cache_dir, get_options
@@ -162,6 +163,16 @@ class _Ctx:
             return self.mb.const(val=np.asarray(e, np.float16))
         return e
 
+    # What the fused ops' emitters (their definitions' `coreml`) build with.
+    def activation(self, x, act):
+        return _activation(self, x, act)
+
+    def mm(self, node: Node, ins, bias=None):
+        return _mm(self, node, ins, bias)
+
+    def bias_vector(self, e, n: int):
+        return _bias_vector(self, e, n)
+
 
 def _binary(name):
     def emit(c: _Ctx, node: Node, ins):
@@ -250,35 +261,6 @@ def _addmm(c: _Ctx, node: Node, ins):
     return [c.mb.add(x=y2, y=c2)]
 
 
-def _fused_linear(c: _Ctx, node: Node, ins):
-    bias = None
-    if len(ins) > 2:
-        bias = _bias_vector(c, ins[2], node.outputs[0].shape[-1])
-    y = _mm(c, node, ins[:2], bias)
-    if len(ins) > 2 and bias is None:
-        a, b = c.operands([y, ins[2]], node.outputs[0].shape)
-        y = c.mb.add(x=a, y=b)
-    return [_activation(c, y, node.params.get("activation"))]
-
-
-_BINARY_MIL = {"add": "add", "sub": "sub", "mul": "mul", "div": "real_div"}
-
-
-def _fused_binary(c: _Ctx, node: Node, ins):
-    a, b = c.operands(ins, node.outputs[0].shape)
-    op = getattr(node.params["op"], "value", node.params["op"])
-    return [_activation(c, getattr(c.mb, _BINARY_MIL[op])(x=a, y=b), node.params.get("activation"))]
-
-
-def _fused_scalar(c: _Ctx, node: Node, ins):
-    y, p = c.var(ins[0]), node.params
-    if float(p.get("scale", 1.0)) != 1.0:
-        y = c.mb.mul(x=y, y=np.float16(p["scale"]))
-    if float(p.get("shift", 0.0)) != 0.0:
-        y = c.mb.add(x=y, y=np.float16(p["shift"]))
-    return [_activation(c, y, p.get("activation"))]
-
-
 _REDUCE_MIL = {2: "reduce_sum", 3: "reduce_prod", 4: "reduce_min", 5: "reduce_max"}
 
 EMITTERS = {
@@ -302,9 +284,8 @@ EMITTERS = {
     "ExpandDims": _reshape,
     "Transpose": lambda c, n, ins: [c.mb.transpose(x=c.var(ins[0]), perm=[int(p) for p in n.params[0]])],
     "Broadcast": lambda c, n, ins: [_Bcast(ins[0], tuple(n.outputs[0].shape))],
-    "FusedLinear": _fused_linear,
-    "FusedBinary": _fused_binary,
-    "FusedScalar": _fused_scalar,
+    # one per fused op definition that has a Core ML emitter
+    **{d.node_op: d.coreml for d in DEFINITIONS if d.coreml is not None},
 }
 
 

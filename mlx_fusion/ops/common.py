@@ -76,10 +76,11 @@ def sum_to_shape(x: mx.array, shape: Sequence[int]) -> mx.array:
     return x.reshape(shape)
 
 
-def activation_grad(act: Activation, z: mx.array) -> mx.array:
-    """d act / dz as an MLX expression; the same closed forms as the kernels' fusion_activation_grad."""
+def activation_grad(act: Activation, z: mx.array, relu_at_zero: float = 0.0) -> mx.array:
+    """d act / dz as an MLX expression; the same closed forms as the kernels' fusion_activation_grad.
+    `relu_at_zero`: ReLU's derivative at exactly 0 (0 as nn.relu, 1 as mx.maximum(0, x))."""
     if act is Activation.RELU:
-        return (z > 0).astype(z.dtype)
+        return ((z >= 0) if relu_at_zero else (z > 0)).astype(z.dtype)
     if act is Activation.GELU:
         cdf = 0.5 * (1 + mx.erf(z * (1 / math.sqrt(2))))
         return cdf + z * (mx.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi)))
@@ -87,8 +88,10 @@ def activation_grad(act: Activation, z: mx.array) -> mx.array:
         c = math.sqrt(2 / math.pi)
         t = mx.tanh(c * (z + 0.044715 * z**3))
         return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
-    s = mx.sigmoid(z)
-    return s * (1 + z * (1 - s))
+    if act is Activation.SILU:
+        s = mx.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    raise ValueError(f"no derivative for activation {act!r}")
 
 
 @mx.compile

@@ -1,0 +1,98 @@
+"""What a fused op is: one `FusedOp` object per op family (binary.py, scalar.py, linear.py).
+
+A definition holds everything the rest of mlx-fusion needs to know about the op,
+so no other module names a fused op by string:
+
+- `spellings()`: the plain MLX code it replaces, as reference functions with
+  example inputs. The graph rules trace them (`mlx_fusion.graph.rules`) to get
+  their search patterns; `build` turns a match into the fused node's inputs and
+  params.
+- `call(inputs, params)`: what the interpreter runs for a fused node, and
+  `reference_call`, the same node computed unfused (tests, Core ML checks).
+- `cases()`: the configurations tests and benchmarks iterate (`OpCase`).
+- `kernels`: its Metal/CUDA kernel specs (`mlx_fusion.kernels.KERNEL_SPECS`).
+- `coreml`: its Core ML emitter, ``emit(ctx, node, inputs)``, or None; `flops(node)`
+  its estimated work (Core ML block pricing), or None for one per output element.
+
+Like torch.fx's ``register_replacement(search_fn, replace_fn, example_inputs)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import mlx.core as mx
+
+__all__ = ["OpCase", "Spelling", "FusedOp", "Build"]
+
+# (fused node inputs, fused node params, extra looked-through view nodes) or None (no match).
+Build = Optional[Tuple[list, dict, list]]
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One fused op configuration.
+
+    kind: the family ("binary", "scalar", "linear"); fused / reference: callables over
+    the arrays from `make_inputs(shape, dtype, key)`, which the family defines
+    (binary: [a, b] of `shape`; scalar: [x]; linear: shape (M, K, N) -> [x, weight(, bias)]).
+    """
+
+    name: str
+    kind: str
+    pattern: object
+    fused: Callable
+    reference: Callable
+    inputs: Callable = None  # (case, shape, dtype, key) -> list of arrays
+
+    def make_inputs(self, shape: Tuple[int, ...], dtype=mx.float32, key=None) -> List[mx.array]:
+        return self.inputs(self, tuple(shape), dtype, key if key is not None else mx.random.key(0))
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """One way user code writes a fused op, as plain MLX code.
+
+    pattern: the FusionPattern a match of it is (config, tracker and stats key).
+    reference: the unfused function, e.g. ``lambda a, b: nn.relu(a + b)``; its trace
+        is the search pattern. Its arguments are the pattern's inputs.
+    example: ``example(dtype) -> tuple of arrays`` to trace it with (small shapes).
+    scalars: positions of arguments that stand for any one-element constant; the
+        match binds their value (a float) instead of a graph value.
+    build: ``build(match) -> (inputs, params, extra_via) | None`` where `match` gives
+        ``match.args`` (graph values or floats, by position), ``match.output`` (the root
+        value), ``match.unbroadcast(v)`` and ``match.is_constant(v)``.
+    rule: spellings with the same rule name are tried in order at a node, and the first
+        legal match wins (longest spelling first).
+    """
+
+    pattern: object
+    reference: Callable
+    example: Callable[[mx.Dtype], tuple]
+    build: Callable
+    rule: str
+    scalars: Tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class FusedOp:
+    """A fused op family: see the module docstring.
+
+    name: the family ("binary"); node_op: the IR op of its fused nodes ("FusedBinary").
+    """
+
+    name: str
+    node_op: str
+    spellings: Callable[[], Iterable[Spelling]]
+    call: Callable[[list, dict], list]
+    reference_call: Callable[[list, dict], list]
+    cases: Callable[[], Iterable[OpCase]]
+    kernels: Tuple = ()
+    coreml: Optional[Callable] = None
+    flops: Optional[Callable] = None  # flops(node) -> estimated work of a fused node; None: 1 per output
+    doc: str = ""
+
+
+def by_node_op(definitions: Iterable[FusedOp]) -> Dict[str, FusedOp]:
+    return {d.node_op: d for d in definitions}
