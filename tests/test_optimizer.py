@@ -133,6 +133,13 @@ def test_measured_price_overrides_model():
     assert t.calls == [(BinaryActivation("add", "relu"), mx.float32, 32, "cpu")]
 
 
+def test_price_may_say_where_its_number_comes_from():
+    g = trace_graph(lambda a, b: nn.relu(a + b), X, X)
+    (o,) = optimizer(price=lambda *key: (2.5, "shipped")).detect_opportunities(g)
+    assert (o.source, o.estimated_speedup) == ("shipped", 2.5)
+    assert optimizer(price=lambda *key: (0.5, "shipped")).detect_opportunities(g) == []
+
+
 def test_measured_slowdown_skips_and_none_falls_back():
     g = trace_graph(lambda a, b: nn.relu(a + b), X, X)
     assert optimizer(price=FakeTracker(0.8).lookup).detect_opportunities(g) == []

@@ -109,8 +109,9 @@ class FusionOptimizer:
             `fusion_config(...)` blocks apply.
         price (Callable, optional): ``price(pattern, dtype, size, device) -> Optional[float]``,
             a measured speedup (``source="measured"``); opportunities measured below 1.0 are
-            skipped, and ``None`` leaves the cost model to decide. Default (``None``): the
-            model only.
+            skipped, and ``None`` leaves the cost model to decide. It may also return
+            ``(speedup, source)`` to label where the number came from (``"shipped"`` priors).
+            Default (``None``): the model only.
         rules (RuleSet, optional): default `rules.RULES`.
         cost (CostModel, optional): the model used when nothing is measured.
         device (str, optional): "metal" / "cuda" / "cpu"; default: MLX's current device.
@@ -181,10 +182,12 @@ class FusionOptimizer:
                     if v.name not in kept)
         speedup, source = unfused / fused, "model"
         measured = self.price(m.pattern, m.output.dtype, m.size, device) if self.price is not None else None
+        if isinstance(measured, tuple):  # (speedup, source), e.g. the shipped priors: "shipped"
+            measured, source = measured
         if measured is not None:
             if measured < 1.0:
                 return None  # measured slower than unfused: leave it alone
-            speedup, source = float(measured), "measured"
+            speedup, source = float(measured), (source if source != "model" else "measured")
         if speedup <= 1.0:
             return None
         replacement = Node(-1, m.op, list(m.inputs), list(m.outputs), dict(m.params))

@@ -44,10 +44,15 @@ class OpCase:
     pattern: object
     fused: Callable
     reference: Callable
-    inputs: Callable = None  # (case, shape, dtype, key) -> list of arrays
+    inputs: Callable = None  # (case, shape, dtype, key) -> list of arrays; None: the family's
 
     def make_inputs(self, shape: Tuple[int, ...], dtype=mx.float32, key=None) -> List[mx.array]:
-        return self.inputs(self, tuple(shape), dtype, key if key is not None else mx.random.key(0))
+        make = self.inputs
+        if make is None:  # a case made elsewhere (e.g. the tracker's scalar-mul cases)
+            from .registry import cases
+
+            make = next(c.inputs for c in cases(self.kind))
+        return make(self, tuple(shape), dtype, key if key is not None else mx.random.key(0))
 
 
 @dataclass(frozen=True)
