@@ -138,7 +138,7 @@ def _binary_primitive(op: BinaryOp, act: Activation, relu_at_zero: float = 0.0):
             if kernels.kernel_backend() is None:
                 da, db = relu_grad_from_output(output, cotangent), None
             else:
-                da, db = launch_scalar_backward(act, output, relu_params, cotangent), None
+                da, db = launch_scalar_backward(output, relu_params, cotangent), None
         elif kernels.kernel_backend() is None or relu_at_zero:
             da, db = cpu_backward(a, b, cotangent)
         else:

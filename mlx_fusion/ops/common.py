@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from functools import lru_cache
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import mlx.core as mx
 

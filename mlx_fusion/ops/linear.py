@@ -138,7 +138,7 @@ def _linear_primitive(act: Activation, has_bias: bool, relu_at_zero: float = 0.0
         if backend is None or _mlx_epilogue():
             return mlx_forward(x, w, *b)
         z = preactivation(x, w, *b)
-        return outputs_of(launch_scalar(act, mx.stop_gradient(z), identity), z)
+        return outputs_of(launch_scalar(mx.stop_gradient(z), identity), z)
 
     @fused.vjp
     def fused_vjp(primals, cotangents, outputs):
@@ -150,7 +150,7 @@ def _linear_primitive(act: Activation, has_bias: bool, relu_at_zero: float = 0.0
         if kernels.kernel_backend() is None or _mlx_epilogue() or relu_at_zero:
             dz = mlx_dz(t, g)
         else:
-            dz = launch_scalar_backward(act, t, identity, g)
+            dz = launch_scalar_backward(t, identity, g)
         grads = (dz @ w, dz.T @ x)
         if has_bias:
             grads += (dz.sum(axis=0).astype(primals[2].dtype),)

@@ -71,13 +71,13 @@ def _kernel_view(x: mx.array) -> mx.array:
     return x.reshape(1) if x.ndim == 0 else x
 
 
-def launch_scalar(act: Activation, x: mx.array, p: mx.array) -> mx.array:
-    """act(x * scale + shift); `act` travels in p[2], the argument documents the call."""
+def launch_scalar(x: mx.array, p: mx.array) -> mx.array:
+    """act(x * p[0] + p[1]) with the activation code in p[2] (see `_params`)."""
     xk = _kernel_view(x)
     return _run("scalar_activation", [xk, p], [xk.shape], x.dtype, x.size)[0].reshape(x.shape)
 
 
-def launch_scalar_backward(act: Activation, x: mx.array, p: mx.array, g: mx.array) -> mx.array:
+def launch_scalar_backward(x: mx.array, p: mx.array, g: mx.array) -> mx.array:
     xk = _kernel_view(x)
     gk = _kernel_view(g.astype(x.dtype) if g.dtype != x.dtype else g)
     return _run("scalar_activation_backward", [xk, p, gk], [xk.shape], x.dtype, x.size)[0].reshape(x.shape)
@@ -100,7 +100,7 @@ def _scalar_primitive(act: Activation, relu_at_zero: float = 0.0):
     def fused(x, p):
         if kernels.kernel_backend() is None:
             return cpu_forward(x, p)
-        return launch_scalar(act, mx.stop_gradient(x), p)  # see _binary_primitive
+        return launch_scalar(mx.stop_gradient(x), p)  # see _binary_primitive
 
     @fused.vjp
     def fused_vjp(primals, cotangent, output):
@@ -109,7 +109,7 @@ def _scalar_primitive(act: Activation, relu_at_zero: float = 0.0):
         if kernels.kernel_backend() is None or relu_at_zero:
             dx = cpu_backward(x, p, cotangent)
         else:
-            dx = launch_scalar_backward(act, x, p, cotangent)
+            dx = launch_scalar_backward(x, p, cotangent)
         # Gradients for scale/shift matter only when they were arrays; MLX
         # evaluates lazily, so these reductions run only if someone asks.
         dz = dz_of(x, p, cotangent)

@@ -1,0 +1,64 @@
+"""The fused op definitions (mlx_fusion/ops/binary.py, scalar.py, linear.py): what each
+promises beyond values and gradients (tests/test_ops.py): MLX's conventions and errors."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_fusion import ops
+from mlx_fusion.ops import FUSED_OPS
+from mlx_fusion.patterns import Activation
+
+
+def grads(fn, args):
+    g = mx.grad(lambda *a: (fn(*a) * mx.cos(mx.arange(fn(*a).size).reshape(fn(*a).shape))).sum(),
+                argnums=tuple(range(len(args))))(*args)
+    return (g,) if isinstance(g, mx.array) else tuple(g)
+
+
+# -- ReLU's gradient at exactly 0 follows the spelling that was fused -----------------------------------------
+@pytest.mark.parametrize("tie", [0.0, 1.0])
+@pytest.mark.parametrize("family", ["binary", "scalar", "linear"])
+def test_relu_at_zero_matches_mlx_spelling(family, tie):
+    """MLX's maximum gives a tie to its second operand: maximum(z, 0) has gradient 0 at z == 0,
+    maximum(0, z) has 1. `relu_at_zero` reproduces either, forward and backward."""
+    relu = (lambda z: mx.maximum(0.0, z)) if tie else (lambda z: mx.maximum(z, 0.0))
+    a = mx.array([[0.0, -1.0, 2.0, 0.0], [0.0, 0.5, -0.5, 0.0]])
+    if family == "binary":
+        b = mx.zeros_like(a)
+        fused = lambda a, b: ops.fused_binary(a, b, "add", "relu", relu_at_zero=tie)  # noqa: E731
+        ref = lambda a, b: relu(a + b)  # noqa: E731
+        args = (a, b)
+    elif family == "scalar":
+        fused = lambda a: ops.fused_scalar(a, 2.0, 0.0, "relu", relu_at_zero=tie)  # noqa: E731
+        ref = lambda a: relu(a * 2.0)  # noqa: E731
+        args = (a,)
+    else:
+        w, b = mx.eye(4), mx.zeros((4,))
+        fused = lambda a, w, b: ops.fused_linear(a, w, b, "relu", relu_at_zero=tie)  # noqa: E731
+        ref = lambda a, w, b: relu(a @ w.T + b)  # noqa: E731
+        args = (a, w, b)
+    assert mx.array_equal(fused(*args), ref(*args))
+    for gf, gr in zip(grads(fused, args), grads(ref, args)):
+        assert mx.array_equal(gf, gr), (gf, gr)
+
+
+def test_unknown_activation_codes_and_names_are_errors():
+    from mlx_fusion.ops.common import activation_grad
+    from mlx_fusion.patterns import as_activation, as_activation_code
+
+    assert [as_activation_code(a.code) for a in Activation] == list(Activation)
+    with pytest.raises(ValueError, match="unknown activation code"):
+        as_activation_code(len(Activation))
+    with pytest.raises(ValueError, match="unknown activation"):
+        as_activation("tanh")
+    with pytest.raises(ValueError):
+        activation_grad("tanh", mx.zeros(3))
+
+
+def test_every_registry_case_comes_from_a_definition():
+    from mlx_fusion.ops.registry import DEFINITIONS
+
+    assert {c.kind for c in FUSED_OPS} == {d.name for d in DEFINITIONS}
+    assert len({c.name for c in FUSED_OPS}) == len(FUSED_OPS)
+    for d in DEFINITIONS:
+        assert d.kernels and all(k.name for k in d.kernels)
