@@ -96,6 +96,7 @@ class FusedOp:
     kernels: Tuple = ()
     coreml: Optional[Callable] = None
     flops: Optional[Callable] = None  # flops(node) -> estimated work of a fused node; None: 1 per output
+    order: int = 100  # place in DEFINITIONS (and so in FUSED_OPS, benchmark tables), then by name
     doc: str = ""
 
 

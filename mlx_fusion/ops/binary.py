@@ -272,8 +272,8 @@ def _coreml(c, node, ins):
 
 
 DEFINITION = FusedOp(
-    name="binary", node_op="FusedBinary", spellings=_spellings, call=_call, reference_call=_reference_call,
-    cases=_cases, coreml=_coreml,
+    name="binary", order=0, node_op="FusedBinary", spellings=_spellings, call=_call,
+    reference_call=_reference_call, cases=_cases, coreml=_coreml,
     kernels=(
         # act(a op b); a and b full, one element, row-broadcast or strided (see the body);
         # m = (op code, activation code), int32.

@@ -328,8 +328,8 @@ def _coreml(c, node, ins):
 
 
 DEFINITION = FusedOp(
-    name="linear", node_op="FusedLinear", spellings=_spellings, call=_call, reference_call=_reference_call,
-    cases=_cases, coreml=_coreml,
+    name="linear", order=2, node_op="FusedLinear", spellings=_spellings, call=_call,
+    reference_call=_reference_call, cases=_cases, coreml=_coreml,
     # 2*M*K*N, plus the epilogue: the node reads the same (K, N) right-hand side as AddMM/Matmul.
     flops=lambda node: 2.0 * node.inputs[0].size * node.inputs[1].shape[-1] + node.outputs[0].size,
     kernels=(

@@ -1,21 +1,39 @@
-"""The list of fused op definitions, and every table derived from it.
+"""The list of fused op definitions, and the registry tables derived from it.
 
-`DEFINITIONS` is the one list: a new fused op is one definition file in this
-package (see ops/base.py) added here. Tests and benchmarks iterate `FUSED_OPS`
-(or `cases(kind)`), the graph rules trace each definition's spellings, the
-interpreter, `kernels.KERNEL_SPECS` and the Core ML tables read it too.
+`DEFINITIONS` is every module of this package that has a `DEFINITION` (a
+`FusedOp`, see ops/base.py), in (`FusedOp.order`, name) order: a new fused op is
+one definition file here, nothing to register. Tests and benchmarks iterate
+`FUSED_OPS` (or `cases(kind)`); the graph rules trace each definition's
+spellings; the interpreter, `kernels.KERNEL_SPECS` and the Core ML tables read
+it too.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Dict, List, Optional
 
-from . import binary, linear, scalar
 from .base import FusedOp, OpCase
 
 __all__ = ["DEFINITIONS", "OpCase", "FUSED_OPS", "cases", "definition"]
 
-DEFINITIONS: tuple = (binary.DEFINITION, scalar.DEFINITION, linear.DEFINITION)
+
+def _discover() -> tuple:
+    found = []
+    for info in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        d = getattr(module, "DEFINITION", None)
+        if isinstance(d, FusedOp):
+            found.append(d)
+    found.sort(key=lambda d: (d.order, d.name))
+    names = [d.node_op for d in found]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two fused op definitions share a node op: {names}")
+    return tuple(found)
+
+
+DEFINITIONS: tuple = _discover()
 
 FUSED_OPS: List[OpCase] = [c for d in DEFINITIONS for c in d.cases()]
 

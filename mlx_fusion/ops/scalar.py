@@ -259,8 +259,8 @@ def _coreml(c, node, ins):
 
 
 DEFINITION = FusedOp(
-    name="scalar", node_op="FusedScalar", spellings=_spellings, call=_call, reference_call=_reference_call,
-    cases=_cases, coreml=_coreml,
+    name="scalar", order=1, node_op="FusedScalar", spellings=_spellings, call=_call,
+    reference_call=_reference_call, cases=_cases, coreml=_coreml,
     kernels=(
         # act(x * p[0] + p[1]); p = (scale, shift, activation code), float32.
         KernelSpec("scalar_activation", ("x", "p"), ("out",), ensure_row_contiguous=True),
