@@ -62,3 +62,15 @@ def test_every_registry_case_comes_from_a_definition():
     assert len({c.name for c in FUSED_OPS}) == len(FUSED_OPS)
     for d in DEFINITIONS:
         assert d.kernels and all(k.name for k in d.kernels)
+
+
+def test_case_for_covers_every_pattern_the_rules_can_propose():
+    from mlx_fusion.graph.rules import RULES
+    from mlx_fusion.ops.registry import case_for
+
+    for rule in RULES.rules:
+        for s in rule.spellings:
+            case = case_for(s.pattern)
+            assert case.pattern == s.pattern or case.name == s.pattern.name
+            args = case.make_inputs(case.workload.shape_for_size(64), mx.float32)
+            assert mx.allclose(case.fused(*args), case.reference(*args), atol=1e-5)

@@ -9,7 +9,9 @@ so no other module names a fused op by string:
   params.
 - `call(inputs, params)`: what the interpreter runs for a fused node, and
   `reference_call`, the same node computed unfused (tests, Core ML checks).
-- `cases()`: the configurations tests and benchmarks iterate (`OpCase`).
+- `cases()`: the configurations tests and benchmarks iterate (`OpCase`, with the family's
+  `Workload`: how benchmarks shape its inputs); `case_for(pattern)` makes one for a pattern
+  `cases()` does not list.
 - `kernels`: its Metal/CUDA kernel specs (`mlx_fusion.kernels.KERNEL_SPECS`).
 - `coreml`: its Core ML emitter, ``emit(ctx, node, inputs)``, or None; `flops(node)`
   its estimated work (Core ML block pricing), or None for one per output element.
@@ -24,10 +26,47 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import mlx.core as mx
 
-__all__ = ["OpCase", "Spelling", "FusedOp", "Build"]
+__all__ = ["OpCase", "Spelling", "FusedOp", "Build", "Workload", "ELEMENTWISE"]
 
 # (fused node inputs, fused node params, extra looked-through view nodes) or None (no match).
 Build = Optional[Tuple[list, dict, list]]
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How benchmarks and the tracker shape a family's inputs (so they need no kind switch).
+
+    shape_for_size(n): the benchmark shape whose fused output has n elements;
+    output_size(shape), copy_size(shape) (elements of the largest operand: the copy that
+    bounds the op's memory traffic), flops(shape) (forward); default_shapes(gpu, quick).
+    """
+
+    shape_for_size: Callable[[int], tuple]
+    output_size: Callable[[tuple], int]
+    copy_size: Callable[[tuple], int]
+    flops: Callable[[tuple], float]
+    default_shapes: Callable[[bool, bool], list]
+
+
+def elementwise_shape(size: int) -> Tuple[int, int]:
+    """`size` elements as rows of 4096 (what a hidden dimension looks like)."""
+    return (max(1, size // 4096), min(size, 4096))
+
+
+def _elementwise_defaults(gpu: bool, quick: bool = False) -> list:
+    sizes = [2**16, 2**20] if quick else ([2**16, 2**20, 2**24, 2**26] if gpu else [2**16, 2**20, 2**22])
+    return [elementwise_shape(s) for s in sizes]
+
+
+# Elementwise families: shapes are the output's; 64K..64M elements in rows of 4096.
+ELEMENTWISE = Workload(elementwise_shape, _prod, _prod, lambda shape: 0.0, _elementwise_defaults)
 
 
 @dataclass(frozen=True)
@@ -45,6 +84,7 @@ class OpCase:
     fused: Callable
     reference: Callable
     inputs: Callable = None  # (case, shape, dtype, key) -> list of arrays; None: the family's
+    workload: Workload = ELEMENTWISE
 
     def make_inputs(self, shape: Tuple[int, ...], dtype=mx.float32, key=None) -> List[mx.array]:
         make = self.inputs
@@ -96,6 +136,7 @@ class FusedOp:
     kernels: Tuple = ()
     coreml: Optional[Callable] = None
     flops: Optional[Callable] = None  # flops(node) -> estimated work of a fused node; None: 1 per output
+    case_for: Optional[Callable] = None  # pattern -> OpCase for patterns `cases()` does not list
     order: int = 100  # place in DEFINITIONS (and so in FUSED_OPS, benchmark tables), then by name
     doc: str = ""
 

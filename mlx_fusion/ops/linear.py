@@ -27,7 +27,7 @@ import mlx.core as mx
 from .. import kernels
 from ..kernels import KernelSpec
 from ..patterns import Activation, LinearLayer, activation_reference, activation_spellings, as_activation
-from .base import FusedOp, OpCase, Spelling
+from .base import FusedOp, OpCase, Spelling, Workload
 from .common import (activation_grad, cpu_compile, f32, is_fusable_dtype, promote, relu_grad_from_output,
                      tangents_for)
 from .scalar import _params, launch_scalar, launch_scalar_backward
@@ -304,6 +304,25 @@ def _inputs(case, shape, dtype, key):
     return arrays
 
 
+def _linear_defaults(gpu: bool, quick: bool = False) -> list:
+    """(M, K, N) at decode and large shapes."""
+    if quick:
+        # A CPU GEMM at 256x1024x1024 takes ~0.1 s a call: too slow for a quick run.
+        return [(1, 1024, 1024), (256, 1024, 1024)] if gpu else [(1, 512, 512), (64, 512, 512)]
+    if gpu:
+        return [(1, 4096, 4096), (32, 4096, 4096), (4096, 4096, 4096), (8192, 4096, 11008)]
+    return [(1, 2048, 2048), (32, 2048, 2048), (512, 2048, 2048)]
+
+
+# Benchmark shapes are (M, K, N); an output of n elements is M x 1024 with K = N = 1024.
+LINEAR = Workload(
+    shape_for_size=lambda n: (max(1, n // min(1024, n)), 1024, min(1024, n)),
+    output_size=lambda s: s[0] * s[2],
+    copy_size=lambda s: max(s[0] * s[1], s[1] * s[2], s[0] * s[2]),
+    flops=lambda s: 2.0 * s[0] * s[1] * s[2],
+    default_shapes=_linear_defaults)
+
+
 def _cases():
     out = []
     for has_bias in (True, False):
@@ -312,7 +331,7 @@ def _cases():
             out.append(OpCase(
                 pat.name, "linear", pat,
                 lambda x, w, *b, act=act: fused_linear(x, w, b[0] if b else None, act),
-                lambda x, w, *b, act=act: linear_reference(x, w, b[0] if b else None, act), _inputs))
+                lambda x, w, *b, act=act: linear_reference(x, w, b[0] if b else None, act), _inputs, LINEAR))
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from .base import FusedOp, OpCase
 
-__all__ = ["DEFINITIONS", "OpCase", "FUSED_OPS", "cases", "definition"]
+__all__ = ["DEFINITIONS", "OpCase", "FUSED_OPS", "cases", "definition", "case_for"]
 
 
 def _discover() -> tuple:
@@ -48,3 +48,16 @@ def cases(kind: Optional[str] = None) -> List[OpCase]:
 def definition(node_op: str) -> FusedOp:
     """The definition whose fused nodes have op `node_op` ("FusedBinary"); KeyError if none."""
     return _BY_NODE_OP[node_op]
+
+
+def case_for(pattern) -> OpCase:
+    """The case that benchmarks `pattern` (an instance or a name like "add+relu"): a registry
+    case, else one its definition makes (`FusedOp.case_for`); ValueError if none."""
+    for case in FUSED_OPS:
+        if case.pattern == pattern or case.name == pattern or case.pattern.name == pattern:
+            return case
+    for d in DEFINITIONS:
+        case = d.case_for(pattern) if d.case_for is not None else None
+        if case is not None:
+            return case
+    raise ValueError(f"no benchmark for pattern {pattern!r}; known: {[c.name for c in FUSED_OPS]}")

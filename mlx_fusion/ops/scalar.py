@@ -249,6 +249,18 @@ def _cases():
             for act in Activation]
 
 
+# The tracker measures scale-only and shift-only patterns with these constants.
+_CASE_SCALARS = {ScalarOp.MUL: (1.5, 0.0), ScalarOp.ADD: (1.0, -0.25), ScalarOp.AFFINE: (1.5, -0.25)}
+
+
+def _case_for(pattern):
+    if not isinstance(pattern, ScalarActivation):
+        return None
+    (scale, shift), act = _CASE_SCALARS[pattern.scalar_op], pattern.activation
+    return OpCase(pattern.name, "scalar", pattern, lambda x: fused_scalar(x, scale, shift, act),
+                  lambda x: scalar_reference(x, scale, shift, act), _inputs)
+
+
 def _coreml(c, node, ins):
     y, p = c.var(ins[0]), node.params
     if float(p.get("scale", 1.0)) != 1.0:
@@ -260,7 +272,7 @@ def _coreml(c, node, ins):
 
 DEFINITION = FusedOp(
     name="scalar", order=1, node_op="FusedScalar", spellings=_spellings, call=_call,
-    reference_call=_reference_call, cases=_cases, coreml=_coreml,
+    reference_call=_reference_call, cases=_cases, case_for=_case_for, coreml=_coreml,
     kernels=(
         # act(x * p[0] + p[1]); p = (scale, shift, activation code), float32.
         KernelSpec("scalar_activation", ("x", "p"), ("out",), ensure_row_contiguous=True),
