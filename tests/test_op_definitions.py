@@ -2,6 +2,7 @@
 promises beyond values and gradients (tests/test_ops.py): MLX's conventions and errors."""
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_fusion import ops
@@ -74,3 +75,50 @@ def test_case_for_covers_every_pattern_the_rules_can_propose():
             assert case.pattern == s.pattern or case.name == s.pattern.name
             args = case.make_inputs(case.workload.shape_for_size(64), mx.float32)
             assert mx.allclose(case.fused(*args), case.reference(*args), atol=1e-5)
+
+
+# -- bad input gets what MLX gives (issue 11, item 7) -----------------------------------------------------------
+def _same_as_mlx(fused, reference):
+    """Both raise the same exception type, or both return equal arrays of one dtype."""
+    try:
+        want = reference()
+    except Exception as e:  # noqa: BLE001 - whatever MLX raises
+        with pytest.raises(type(e)):
+            fused()
+        return
+    got = fused()
+    assert got.dtype == want.dtype and got.shape == want.shape, (got, want)
+    assert mx.array_equal(got, want, equal_nan=True) or mx.allclose(got, want), (got, want)
+
+
+@pytest.mark.parametrize("a, b", [
+    (mx.array([250, 255], mx.uint8), 10),           # MLX: uint8 [4, 9] (weak Python int)
+    (mx.array([1, 2], mx.uint32), -1),             # MLX raises (overflow)
+    (mx.array([True, False]), True),
+    (mx.array([True, False]), 1.5),
+    (mx.array([1, 2], mx.int8), mx.array([3, 4], mx.int16)),
+    (mx.ones((2, 3)), True),
+    (mx.ones((2, 3), mx.float16), np.float32(2.5)),  # NumPy scalars are weak, as Python's
+    (np.float32(2.5), mx.ones((2, 3), mx.bfloat16)),
+    (mx.ones((2, 3)), np.array([1.0, 2.0, 3.0], np.float32)),
+    (mx.ones((2, 3), mx.float16), 2**40),
+    (2, 3.5),
+], ids=str)
+@pytest.mark.parametrize("op", ["add", "mul"])
+def test_fused_binary_promotes_and_raises_like_mlx(a, b, op):
+    _same_as_mlx(lambda: ops.fused_binary(a, b, op, "relu"), lambda: ops.binary_reference(a, b, op, "relu"))
+
+
+@pytest.mark.parametrize("x, scale, shift", [
+    (mx.array([250, 255], mx.uint8), 2, 10),
+    (mx.array([1, 2], mx.int32), 1.5, 0.0),
+    (mx.ones((2, 3), mx.bfloat16), np.float32(1.5), np.float64(-0.25)),
+    (mx.ones((2, 3)), True, 0.0),
+    (mx.ones((2, 3), mx.float16), mx.array(2.0), np.float32(1.0)),
+    (mx.ones((2, 3)), np.array(2.0, np.float32), 0.0),
+], ids=str)
+def test_fused_scalar_promotes_like_mlx(x, scale, shift):
+    _same_as_mlx(lambda: ops.fused_scalar(x, scale, shift, "gelu"),
+                 lambda: ops.scalar_reference(x, scale, shift, "gelu"))
+    if x.dtype in (mx.float32, mx.float16, mx.bfloat16) and not isinstance(scale, (bool, np.ndarray)):
+        assert ops.fused_scalar(x, scale, shift, "gelu").dtype == ops.scalar_reference(x, scale, shift, "gelu").dtype

@@ -23,7 +23,7 @@ from ..kernels import KernelSpec
 from ..patterns import (Activation, BinaryActivation, BinaryOp, activation_reference, activation_spellings,
                         as_activation, as_binary_op)
 from .base import FusedOp, OpCase, Spelling
-from .common import (FUSED_DTYPES, activation_grad, as_array, binary_operand_grads, cpu_compile, f32, flat1d,
+from .common import (FUSED_DTYPES, activation_grad, as_number, binary_operand_grads, cpu_compile, f32, flat1d,
                      is_fusable_dtype, promote, relu_grad_from_output, sum_to_shape, with_reference_rules)
 from .scalar import _params, _run, launch_scalar_backward
 
@@ -162,7 +162,8 @@ def fused_binary(
 
     Args:
         a, b (array or scalar): operands, with MLX broadcasting and type
-            promotion (a Python number takes the other operand's dtype).
+            promotion (a Python or NumPy number takes the other operand's dtype;
+            integer, bool and NumPy array operands run unfused, as MLX computes them).
         op (str or BinaryOp): ``"add"``, ``"sub"``, ``"mul"`` or ``"div"``.
         activation (str or Activation): ``"relu"``, ``"gelu"`` (erf form, as
             ``nn.gelu``), ``"gelu_approx"`` (tanh form) or ``"silu"``.
@@ -178,11 +179,17 @@ def fused_binary(
         shape = a.shape if a.shape == b.shape else None
         if shape is not None and a.size:
             return _binary_primitive(op, act, float(relu_at_zero))(a, b)
-    if not isinstance(a, mx.array) and not isinstance(b, mx.array):
-        a = mx.array(a)
-    a = as_array(a, b.dtype if isinstance(b, mx.array) else a.dtype)
-    b = as_array(b, a.dtype)
-    if not (is_fusable_dtype(a.dtype) and is_fusable_dtype(b.dtype)):
+    # A Python or NumPy number is weakly typed: it takes the other operand's float dtype.
+    # Anything else that is not two float arrays (ints, bools, NumPy arrays, two numbers)
+    # runs the unfused expression: MLX's own promotion, result and errors.
+    if isinstance(a, mx.array) and not isinstance(b, mx.array) and as_number(b) is not None:
+        if is_fusable_dtype(a.dtype):
+            b = mx.array(as_number(b), dtype=a.dtype)
+    elif isinstance(b, mx.array) and not isinstance(a, mx.array) and as_number(a) is not None:
+        if is_fusable_dtype(b.dtype):
+            a = mx.array(as_number(a), dtype=b.dtype)
+    if not (isinstance(a, mx.array) and isinstance(b, mx.array)
+            and is_fusable_dtype(a.dtype) and is_fusable_dtype(b.dtype)):
         return binary_reference(a, b, op, act, relu_at_zero)
     try:
         out_shape = mx.broadcast_shapes(a.shape, b.shape)

@@ -9,6 +9,7 @@ from functools import lru_cache
 from typing import Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from ..patterns import Activation, BinaryOp
 
@@ -29,15 +30,17 @@ def promote(*dtypes: mx.Dtype) -> mx.Dtype:
     return out.dtype
 
 
-def as_array(x, like_dtype: mx.Dtype) -> mx.array:
-    """Python numbers are weakly typed in MLX: they take the other operand's dtype."""
-    if isinstance(x, mx.array):
-        return x
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"expected an mx.array or a Python number, got {type(x).__name__}")
-    if is_fusable_dtype(like_dtype):
-        return mx.array(x, dtype=like_dtype)
-    return mx.array(x)
+def as_number(v):
+    """`v` as a Python int or float if MLX types it weakly like one (a Python or NumPy int or
+    float: `mx.multiply(x, np.float32(2))` keeps x's dtype), else None: bools, NumPy arrays,
+    ints beyond int32 and non-numbers are left to MLX itself (its result, or its error)."""
+    if isinstance(v, np.generic) and isinstance(v, (np.integer, np.floating)):
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if isinstance(v, int) and not -(2**31) <= v < 2**31:
+        return None
+    return v
 
 
 def elements_per_thread(dtype: mx.Dtype) -> int:

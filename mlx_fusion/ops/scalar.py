@@ -24,7 +24,7 @@ from ..kernels import KernelSpec
 from ..patterns import (Activation, ScalarActivation, ScalarOp, activation_reference, activation_spellings,
                         as_activation)
 from .base import FusedOp, OpCase, Spelling
-from .common import activation_grad, as_array, cpu_compile, f32, is_fusable_dtype, launch_geometry, promote, \
+from .common import activation_grad, as_number, cpu_compile, f32, is_fusable_dtype, launch_geometry, promote, \
     with_reference_rules
 
 __all__ = ["fused_scalar", "scalar_reference", "launch_scalar", "launch_scalar_backward", "DEFINITION"]
@@ -119,10 +119,20 @@ def _scalar_primitive(act: Activation, relu_at_zero: float = 0.0):
     return with_reference_rules(fused, reference)
 
 
-def _check_number(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"fused_scalar: {name} must be a Python number or an mx.array, got {type(v).__name__}")
-    return float(v)
+_MLX_DECIDES = object()
+
+
+def _check_number(name: str, v):
+    """A Python float for a weakly typed number, `_MLX_DECIDES` for what only MLX should
+    judge (bools, NumPy arrays, huge ints: the unfused code runs), TypeError otherwise."""
+    if isinstance(v, mx.array):
+        return v
+    n = as_number(v)
+    if n is not None:
+        return float(n)
+    if isinstance(v, (bool, int, np.ndarray, np.generic)):
+        return _MLX_DECIDES
+    raise TypeError(f"fused_scalar: {name} must be a number or an mx.array, got {type(v).__name__}")
 
 
 def fused_scalar(
@@ -139,9 +149,9 @@ def fused_scalar(
 
     Args:
         x (array): input.
-        scale, shift (number or one-element array): Python numbers are weakly
-            typed (the result keeps ``x.dtype``); arrays follow MLX promotion
-            and receive gradients.
+        scale, shift (number or one-element array): Python and NumPy numbers are
+            weakly typed (the result keeps ``x.dtype``); arrays follow MLX promotion
+            and receive gradients. Integer or bool inputs run unfused, as MLX computes them.
         activation (str or Activation): as in :func:`fused_binary`.
         relu_at_zero (float): ReLU's derivative at exactly 0: ``0.0`` as ``nn.relu``,
             ``1.0`` as ``mx.maximum(0, z)``. Default: ``0.0``.
@@ -149,15 +159,18 @@ def fused_scalar(
     act = as_activation(activation)
     if not isinstance(x, mx.array):
         x = mx.array(x)
-    if isinstance(scale, mx.array) or isinstance(shift, mx.array):
-        scale_a, shift_a = as_array(scale, x.dtype), as_array(shift, x.dtype)
+    s, t = _check_number("scale", scale), _check_number("shift", shift)
+    if s is _MLX_DECIDES or t is _MLX_DECIDES or not is_fusable_dtype(x.dtype) or x.size == 0:
+        return scalar_reference(x, scale, shift, act, relu_at_zero)
+    if isinstance(s, mx.array) or isinstance(t, mx.array):
+        scale_a, shift_a = (v if isinstance(v, mx.array) else mx.array(v, dtype=x.dtype) for v in (s, t))
         if scale_a.size != 1 or shift_a.size != 1:
             raise ValueError(
                 "fused_scalar: scale and shift must be scalars (one element); "
                 f"got shapes {scale_a.shape} and {shift_a.shape} — use fused_binary for tensors"
             )
-        if not all(is_fusable_dtype(d) for d in (x.dtype, scale_a.dtype, shift_a.dtype)) or x.size == 0:
-            return scalar_reference(x, scale_a, shift_a, act, relu_at_zero)
+        if not all(is_fusable_dtype(d) for d in (scale_a.dtype, shift_a.dtype)):
+            return scalar_reference(x, scale, shift, act, relu_at_zero)
         out_shape = mx.broadcast_shapes(x.shape, scale_a.shape, shift_a.shape)
         dtype = promote(x.dtype, scale_a.dtype, shift_a.dtype)
         p = mx.concatenate([scale_a.reshape(1).astype(mx.float32), shift_a.reshape(1).astype(mx.float32),
@@ -165,9 +178,6 @@ def fused_scalar(
         xk = x.astype(dtype) if x.dtype != dtype else x
         y = _scalar_primitive(act, float(relu_at_zero))(xk, p)
         return y.reshape(out_shape) if tuple(y.shape) != tuple(out_shape) else y
-    s, t = _check_number("scale", scale), _check_number("shift", shift)
-    if not is_fusable_dtype(x.dtype) or x.size == 0:
-        return scalar_reference(x, scale, shift, act, relu_at_zero)
     return _scalar_primitive(act, float(relu_at_zero))(x, _params(s, t, act))
 
 
