@@ -8,6 +8,7 @@ import pytest
 from mlx_fusion import ops
 from mlx_fusion.ops import FUSED_OPS
 from mlx_fusion.patterns import Activation
+from tests.metal_shim import metal_shim  # noqa: F401  (a fixture)
 
 
 def grads(fn, args):
@@ -122,3 +123,26 @@ def test_fused_scalar_promotes_like_mlx(x, scale, shift):
                  lambda: ops.scalar_reference(x, scale, shift, "gelu"))
     if x.dtype in (mx.float32, mx.float16, mx.bfloat16) and not isinstance(scale, (bool, np.ndarray)):
         assert ops.fused_scalar(x, scale, shift, "gelu").dtype == ops.scalar_reference(x, scale, shift, "gelu").dtype
+
+
+@pytest.mark.parametrize("family", ["binary", "scalar", "linear"])
+def test_relu_at_zero_on_the_metal_kernel_path(metal_shim, family, monkeypatch):
+    """On a GPU the forward runs the kernels (executed here through the Metal shim); with
+    relu_at_zero=1 the backward must not use the kernels' derivative (0 at 0)."""
+    monkeypatch.setenv("MLX_FUSION_LINEAR_EPILOGUE", "kernel")
+    relu = lambda z: mx.maximum(0.0, z)  # noqa: E731
+    a = mx.array([[0.0, -1.0, 2.0, 0.0, 0.0, 1.0, -2.0, 0.0, 0.0, 3.0, 0.5, 0.0]] * 3)
+    if family == "binary":
+        args, fused, ref = (a, mx.zeros_like(a)), (lambda a, b: ops.fused_binary(a, b, relu_at_zero=1.0)), \
+            (lambda a, b: relu(a + b))
+    elif family == "scalar":
+        args, fused, ref = (a,), (lambda a: ops.fused_scalar(a, 2.0, 0.0, relu_at_zero=1.0)), (lambda a: relu(a * 2))
+    else:  # K = 12 is not a multiple of 8: addmm + the activation kernel
+        args = (a, mx.eye(12), mx.zeros((12,)))
+        fused, ref = (lambda a, w, b: ops.fused_linear(a, w, b, "relu", relu_at_zero=1.0)), \
+            (lambda a, w, b: relu(a @ w.T + b))
+    before = metal_shim.launches
+    assert mx.array_equal(fused(*args), ref(*args))
+    assert metal_shim.launches > before  # the kernel ran the forward
+    for gf, gr in zip(grads(fused, args), grads(ref, args)):
+        assert mx.array_equal(gf, gr), (gf, gr)

@@ -111,3 +111,27 @@ def test_pattern_with_two_outputs():
     assert _toy_optimizer(toy).optimize(graph).applied_count == 1
     assert graph.nodes[0].op == "Toyadd_relu2" and len(graph.nodes[0].outputs) == 2
     assert mx.allclose(run_graph(graph, *args, definitions=[toy])[0], want[0])
+
+
+def test_an_extra_output_read_before_the_root_is_not_fused():
+    """The fused node stands where the root was: an extra output must not be read earlier."""
+    from mlx_fusion.graph.ir import Graph, Node, Value
+
+    toy = _toy("add_relu2", lambda x, r: (lambda h: (h, nn.relu(h)))(x + r),
+               lambda dt: (mx.zeros((4, 8), dt),) * 2, outputs=2)
+    v = {n: Value(n, (4, 8), mx.float32) for n in "xrheyzo"}
+    zero = Value("c", (), mx.float32)
+
+    def graph(exp_first):
+        nodes = [Node(0, "Add", [v["x"], v["r"]], [v["h"]]),
+                 Node(1, "Exp", [v["h"]], [v["e"]]),
+                 Node(2, "Broadcast", [zero], [v["z"]], ((4, 8),)),
+                 Node(3, "Maximum", [v["h"], v["z"]], [v["y"]]),
+                 Node(4, "Add", [v["y"], v["e"]], [v["o"]])]
+        if not exp_first:
+            nodes = [nodes[0], nodes[2], nodes[3], nodes[1], nodes[4]]
+        return Graph([v["x"], v["r"]], [v["o"]], nodes, {"c": mx.array(0.0)}, {"c": zero}).lint()
+
+    assert _toy_optimizer(toy).detect_opportunities(graph(exp_first=True)) == []
+    (o,) = _toy_optimizer(toy).detect_opportunities(graph(exp_first=False))
+    assert [x.name for x in o.replacement.outputs] == ["h", "y"]
