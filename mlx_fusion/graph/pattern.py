@@ -30,7 +30,8 @@ import mlx.core as mx
 
 from .trace import trace
 
-__all__ = ["PInput", "PScalar", "PConst", "PNode", "Pattern", "Bound", "derive", "match", "VIEW_OPS"]
+__all__ = ["PInput", "PScalar", "PConst", "PNode", "Pattern", "Bound", "derive", "match", "plausible",
+           "signature", "VIEW_OPS"]
 
 # Ops that make a view, not a kernel launch: looked through, or kept only when still used.
 VIEW_OPS = frozenset({"Broadcast", "Transpose", "Reshape", "Flatten", "Unflatten"})
@@ -217,6 +218,32 @@ def _match(ctx, p: PTerm, v, st: _State) -> Iterator[_State]:
         orders.append(node.inputs[::-1])
     for ins in orders:
         yield from _match_all(ctx, p.srcs, ins, st)
+
+
+def _signature(node) -> tuple:
+    """What `_same_op` reads of a node."""
+    params = () if node.op in _SHAPE_OPS else repr(tuple(node.params))  # hashable
+    return ("Reshape" if node.op in _RESHAPES else node.op, params, len(node.inputs), len(node.outputs),
+            node.outputs[0].dtype if node.outputs else None)
+
+
+def signature(ctx, node) -> tuple:
+    """What `plausible` reads of a node and its inputs' producers (hashable): nodes with the
+    same signature get the same answer, so callers memoize on it."""
+    return (_signature(node),) + tuple(
+        _signature(n) if (n := ctx.prod(v)) is not None else None for v in node.inputs)
+
+
+def plausible(ctx, p: PNode, node) -> bool:
+    """A cheap first look: the root and the producers of its inputs have the pattern's ops."""
+    if not _same_op(p, node):
+        return False
+    orders = [node.inputs] if node.op not in COMMUTATIVE else [node.inputs, node.inputs[::-1]]
+    for ins in orders:
+        if all(not isinstance(s, PNode) or ((n := ctx.prod(v)) is not None and _same_op(s, n))
+               for s, v in zip(p.srcs, ins)):
+            return True
+    return False
 
 
 def _same_op(p: PNode, node) -> bool:

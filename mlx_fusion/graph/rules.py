@@ -22,7 +22,7 @@ from ..config import FusionConfig
 from ..ops.common import FUSED_DTYPES
 from ..ops.registry import DEFINITIONS
 from .ir import Graph, Node, Value
-from .pattern import VIEW_OPS, Bound, derive, match
+from .pattern import VIEW_OPS, Bound, derive, match, plausible, signature
 
 __all__ = ["Match", "MatchContext", "Rule", "RuleSet", "RULES", "FUSIBLE_DTYPES", "VIEW_OPS",
            "ELEMENTWISE_OPS", "legality", "rules_from"]
@@ -46,6 +46,7 @@ class MatchContext:
         self.users = graph.users()
         self.outputs = {v.name for v in graph.outputs}
         self.pos = {n.id: i for i, n in enumerate(graph.nodes)}
+        self.memo: dict = {}  # the matcher's, for this pass (graph/pattern.py)
 
     def prod(self, v: Value, ops: Iterable[str] = None) -> Optional[Node]:
         n = self.producer.get(v.name)
@@ -119,14 +120,14 @@ class Rule:
     definition: object
     spellings: Tuple
 
-    def patterns(self, dtype):
-        return [derive(s, dtype, _device()) for s in self.spellings]
+    def patterns(self, dtype, device: str = None):
+        return [derive(s, dtype, device or _device()) for s in self.spellings]
 
-    def match(self, ctx: MatchContext, root: Node) -> Iterator[Match]:
-        dtype = root.outputs[0].dtype
-        for pat in self.patterns(dtype):
-            if pat.root.op != root.op:
-                continue
+    def match(self, ctx: MatchContext, root: Node, patterns=None) -> Iterator[Match]:
+        """Matches at `root`, trying `patterns` (default: all of this rule's, in root's dtype)."""
+        if patterns is None:
+            patterns = [p for p in self.patterns(root.outputs[0].dtype) if p.root.op == root.op]
+        for pat in patterns:
             for bound in match(ctx, pat, root):
                 built = pat.spelling.build(_View(ctx, bound))
                 if built is None:
@@ -152,14 +153,19 @@ class RuleSet:
 
     def by_root(self, dtype=mx.float32) -> Dict[str, List[Rule]]:
         """root op -> rules with a pattern ending there, in `dtype` on the current device."""
+        return {op: [r for r, _ in entries] for op, entries in self._patterns(dtype).items()}
+
+    def _patterns(self, dtype) -> Dict[str, List[tuple]]:
+        """root op -> [(rule, its patterns ending there)], built once per (device, dtype)."""
         key = (_device(), dtype)
         index = self._index.get(key)
         if index is None:
             index = defaultdict(list)
             if dtype in FUSIBLE_DTYPES:
                 for r in self.rules:
-                    for op in dict.fromkeys(p.root.op for p in r.patterns(dtype)):
-                        index[op].append(r)
+                    pats = r.patterns(dtype, key[0])
+                    for op in dict.fromkeys(p.root.op for p in pats):
+                        index[op].append((r, [p for p in pats if p.root.op == op]))
             self._index[key] = index = dict(index)
         return index
 
@@ -167,8 +173,16 @@ class RuleSet:
         """Per rule, the first legal match ending at `node`."""
         if not node.outputs:
             return
-        for rule in self.by_root(node.outputs[0].dtype).get(node.op, ()):
-            for m in rule.match(ctx, node):
+        # The patterns whose first level fits, memoized per node signature (all the relus of
+        # a model share one list): most nodes meet no pattern at all.
+        key = (id(self), signature(ctx, node))
+        candidates = ctx.memo.get(key)
+        if candidates is None:
+            candidates = [(r, [p for p in pats if plausible(ctx, p.root, node)])
+                          for r, pats in self._patterns(node.outputs[0].dtype).get(node.op, ())]
+            candidates = ctx.memo[key] = [(r, pats) for r, pats in candidates if pats]
+        for rule, patterns in candidates:
+            for m in rule.match(ctx, node, patterns):
                 if legality(ctx, m) is None:
                     yield m
                     break
