@@ -1,8 +1,9 @@
 """Kernel sources and kernel objects for the GPU backends.
 
 Each fused op declares its kernels (`KernelSpec`s) in its definition
-(mlx_fusion/ops/); `KERNEL_SPECS` collects them. Every fused kernel exists twice, as a Metal body (`metal_src/<name>.metal`) and
-its CUDA twin (`metal_src/<name>.cu`), plus one shared header per language
+(mlx_fusion/ops/); `KERNEL_SPECS` collects them. Every fused kernel exists
+twice, as a Metal body (`metal_src/<name>.metal`) and its CUDA twin
+(`metal_src/<name>.cu`), plus one shared header per language
 (`common.metal`, `common.cu`) with the activation and binary-op functions.
 MLX writes each kernel's signature itself (`mx.fast.metal_kernel` /
 `mx.fast.cuda_kernel`); the files hold only the header and the body.

@@ -68,9 +68,6 @@ class PNode:
     dtype: mx.Dtype
     leaf_view: bool  # a view of pattern inputs only: looked through, not removed
 
-    def size(self) -> int:
-        return 1 + sum(s.size() for s in self.srcs if isinstance(s, PNode))
-
 
 PTerm = Union[PInput, PScalar, PConst, PNode]
 
@@ -155,7 +152,8 @@ def match(ctx, pattern: Pattern, root) -> Iterator[Bound]:
         leaves = [n for k, n in nodes.items() if _leaf(pattern, k)]
         graph_nodes.sort(key=lambda n: ctx.pos[n.id])
         yield Bound(pattern, graph_nodes, list({n.id: n for n in (*via, *leaves)}.values()),
-                    [args.get(i) for i in range(pattern.num_args)], [nodes[o.key].outputs[0] for o in pattern.outputs])
+                    [args.get(i) for i in range(pattern.num_args)],
+                    [nodes[o.key].outputs[0] for o in pattern.outputs])
 
 
 def _leaf(pattern: Pattern, key: int) -> bool:

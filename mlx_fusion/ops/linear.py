@@ -203,7 +203,8 @@ def fused_linear(
     if not all(isinstance(t, mx.array) for t in arrays):
         raise TypeError("fused_linear: x, weight and bias must be mx.array")
     if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.ndim > 1):
-        return linear_reference(x, weight, bias, act, relu_at_zero)  # MLX raises its own shape error, or broadcasts
+        # MLX raises its own shape error, or broadcasts
+        return linear_reference(x, weight, bias, act, relu_at_zero)
     out_features = weight.shape[0]
     if bias is not None and bias.size not in (1, out_features):
         return linear_reference(x, weight, bias, act, relu_at_zero)
