@@ -1,7 +1,9 @@
 """Kernel sources and kernel objects for the GPU backends.
 
-Every fused kernel exists twice, as a Metal body (`metal_src/<name>.metal`) and
-its CUDA twin (`metal_src/<name>.cu`), plus one shared header per language
+Each fused op declares its kernels (`KernelSpec`s) in its definition
+(mlx_fusion/ops/); `KERNEL_SPECS` collects them. Every fused kernel exists
+twice, as a Metal body (`metal_src/<name>.metal`) and its CUDA twin
+(`metal_src/<name>.cu`), plus one shared header per language
 (`common.metal`, `common.cu`) with the activation and binary-op functions.
 MLX writes each kernel's signature itself (`mx.fast.metal_kernel` /
 `mx.fast.cuda_kernel`); the files hold only the header and the body.
@@ -18,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import mlx.core as mx
 
@@ -61,24 +63,35 @@ class KernelSpec:
                 yield [("T", getattr(mx, dt))] + list(zip(names, values))
 
 
-KERNEL_SPECS: Dict[str, KernelSpec] = {
-    spec.name: spec
-    for spec in (
-        # act(a op b); a and b full, one element, row-broadcast or strided (see
-        # the body); m = (op code, activation code), int32.
-        KernelSpec("binary_activation", ("a", "b", "m"), ("out",)),
-        # dz = g * act'(a op b) and, for mul/div, the two operand gradients.
-        KernelSpec("binary_activation_backward", ("a", "b", "g", "m"), ("da", "db")),
-        # act(x * p[0] + p[1]); p = (scale, shift, activation code), float32.
-        KernelSpec("scalar_activation", ("x", "p"), ("out",), ensure_row_contiguous=True),
-        KernelSpec("scalar_activation_backward", ("x", "p", "g"), ("dx",), ensure_row_contiguous=True),
-        # z = x @ w.T + b, out = act(z) for M <= 16 * MT rows (tensor-core tiles
-        # on CUDA); p as for scalar_activation. b is read only when HAS_BIAS.
-        KernelSpec("linear_activation", ("x", "w", "b", "p"), ("out", "z"), elementwise=False,
-                   ensure_row_contiguous=True, dtypes=("float16", "bfloat16"),
-                   templates=(("MT", (1, 2)), ("NT", (2, 4)), ("HAS_BIAS", (False, True)))),
-    )
-}
+class _KernelSpecs(Mapping):
+    """name -> KernelSpec of every fused op's kernels (`ops.registry.DEFINITIONS`), read on
+    first use: the definitions import this module for `KernelSpec` and `get_kernel`."""
+
+    def _specs(self) -> Dict[str, KernelSpec]:
+        specs = self.__dict__.get("_loaded")
+        if specs is None:
+            from .ops.registry import DEFINITIONS
+
+            specs = {}
+            for d in DEFINITIONS:
+                for spec in d.kernels:
+                    if spec.name in specs:
+                        raise ValueError(f"kernel {spec.name!r} declared twice ({d.name})")
+                    specs[spec.name] = spec
+            self.__dict__["_loaded"] = specs
+        return specs
+
+    def __getitem__(self, name: str) -> KernelSpec:
+        return self._specs()[name]
+
+    def __iter__(self):
+        return iter(self._specs())
+
+    def __len__(self) -> int:
+        return len(self._specs())
+
+
+KERNEL_SPECS: Mapping = _KernelSpecs()
 
 
 def _source_dir() -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -24,7 +24,10 @@ __all__ = [
     "LinearLayer",
     "ScalarActivation",
     "as_activation",
+    "as_activation_code",
     "as_binary_op",
+    "activation_reference",
+    "activation_spellings",
 ]
 
 
@@ -44,6 +47,12 @@ def _gelu_approx(x):
 
 def _silu(x):
     return x * mx.sigmoid(x)
+
+
+def _relu_zero_first(x):
+    # MLX gives a tie of mx.maximum to its second operand: d/dx maximum(0, x) is 1 at x == 0,
+    # where nn.relu's maximum(x, 0) gives 0. Same values, another gradient convention.
+    return mx.maximum(0, x)
 
 
 class Activation(str, enum.Enum):
@@ -74,6 +83,35 @@ _ACT_REFS = {
     Activation.GELU_APPROX: _gelu_approx,
     Activation.SILU: _silu,
 }
+
+
+_ACT_BY_CODE = {code: act for act, code in _ACT_CODES.items()}
+
+
+def as_activation_code(code: int) -> Activation:
+    """The activation a kernel code stands for; ValueError for an unknown code."""
+    try:
+        return _ACT_BY_CODE[int(code)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"unknown activation code {code!r}; expected one of {sorted(_ACT_BY_CODE)}") from None
+
+
+def activation_spellings() -> Tuple[Tuple[Activation, Callable, float], ...]:
+    """Every way user code writes an activation that the fused ops reproduce exactly:
+    (activation, the plain MLX function, ReLU's derivative at exactly 0 under it).
+
+    Fused ops take the third item as ``relu_at_zero`` so that gradients follow the
+    spelling that was replaced (MLX's tie convention, see `_relu_zero_first`)."""
+    out = [(act, _ACT_REFS[act], 0.0) for act in Activation]
+    out.insert(1, (Activation.RELU, _relu_zero_first, 1.0))
+    return tuple(out)
+
+
+def activation_reference(act: Activation, relu_at_zero: float = 0.0) -> Callable:
+    """The plain MLX function of `act` whose gradient at 0 is `relu_at_zero` (ReLU only)."""
+    if act is Activation.RELU and relu_at_zero:
+        return _relu_zero_first
+    return _ACT_REFS[act]
 
 
 class BinaryOp(str, enum.Enum):
@@ -182,6 +220,3 @@ class ScalarActivation:
 
 
 FusionPattern = Union[BinaryActivation, LinearLayer, ScalarActivation]
-
-# A callable that computes the unfused reference for a pattern; used by tests and benchmarks.
-ReferenceFn = Callable[..., mx.array]

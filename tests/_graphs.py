@@ -12,6 +12,7 @@ import mlx.nn as nn
 from mlx_fusion.config import FusionConfig
 from mlx_fusion.graph.ir import Graph, Node, Value
 from mlx_fusion.graph.optimizer import FusionOptimizer
+from mlx_fusion.ops.registry import DEFINITIONS
 
 # Everything allowed, any size: what most pattern tests want.
 ALL = FusionConfig(min_tensor_size=0)
@@ -57,30 +58,27 @@ _EVAL = {
     "Reduce": lambda x, p: {2: mx.sum, 5: mx.max}[p[0]](x, axis=p[1], keepdims=True),
     "Sqrt": lambda x, p: mx.rsqrt(x) if p and p[0] else mx.sqrt(x),
     "Softmax": lambda x, p: mx.softmax(x, axis=-1, precise=bool(p and p[0])),
-    "FusedBinary": lambda a, b, p: p["activation"].reference(p["op"].reference(a, b)),
-    "FusedScalar": lambda x, p: p["activation"].reference(x * p["scale"] + p["shift"]),
-    "FusedLinear": lambda x, w, *b, p: _act(p["activation"], x @ w + (b[0] if b else 0)),
 }
 _WITH_PARAMS = {"Slice", "Broadcast", "Transpose", "Reshape", "Flatten", "Unflatten", "AsType", "AddMM",
-                "Reduce", "Sqrt", "Softmax", "FusedBinary", "FusedScalar"}
+                "Reduce", "Sqrt", "Softmax"}
+# Fused nodes run unfused: each definition's reference_call (mlx_fusion.ops.registry).
+_FUSED = {d.node_op: d for d in DEFINITIONS}
 
 
-def _act(act, y):
-    return act.reference(y) if act is not None else y
-
-
-def run_graph(graph: Graph, *args):
+def run_graph(graph: Graph, *args, definitions=()):
+    """Evaluate `graph` op by op; fused nodes (of DEFINITIONS or `definitions`) by their references."""
+    fused = {**_FUSED, **{d.node_op: d for d in definitions}}
     env = dict(graph.constants)
     env.update({v.name: a for v, a in zip(graph.inputs, args)})
     for n in graph.nodes:
         ins = [env[v.name] for v in n.inputs]
-        if n.op == "FusedLinear":
-            out = _EVAL[n.op](*ins, p=n.params)
+        if n.op in fused:
+            outs = fused[n.op].reference_call(ins, n.params)
         elif n.op in _WITH_PARAMS:
-            out = _EVAL[n.op](*ins, n.params)
+            outs = [_EVAL[n.op](*ins, n.params)]
         else:
-            out = _EVAL[n.op](*ins)
-        env[n.outputs[0].name] = out
+            outs = [_EVAL[n.op](*ins)]
+        env.update({v.name: o for v, o in zip(n.outputs, outs)})
     return [env[v.name] for v in graph.outputs]
 
 

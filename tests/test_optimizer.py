@@ -115,7 +115,7 @@ def test_uses_process_config_when_none_given():
         assert opt.optimize(g).applied_count == 0
 
 
-# -- tracker -------------------------------------------------------------------------------------------
+# -- price function (what fuse() passes: the tracker's lookup) ----------------------------------------------
 class FakeTracker:
     def __init__(self, speedup):
         self.speedup, self.calls = speedup, []
@@ -125,19 +125,41 @@ class FakeTracker:
         return self.speedup
 
 
-def test_tracker_measurement_overrides_model():
+def test_measured_price_overrides_model():
     g = trace_graph(lambda a, b: nn.relu(a + b), X, X)
     t = FakeTracker(3.0)
-    (o,) = optimizer(tracker=t).detect_opportunities(g)
+    (o,) = optimizer(price=t.lookup).detect_opportunities(g)
     assert (o.source, o.estimated_speedup) == ("measured", 3.0)
     assert t.calls == [(BinaryActivation("add", "relu"), mx.float32, 32, "cpu")]
 
 
-def test_tracker_slowdown_skips_and_none_falls_back():
+def test_price_may_say_where_its_number_comes_from():
     g = trace_graph(lambda a, b: nn.relu(a + b), X, X)
-    assert optimizer(tracker=FakeTracker(0.8)).detect_opportunities(g) == []
-    (o,) = optimizer(tracker=FakeTracker(None)).detect_opportunities(g)
+    (o,) = optimizer(price=lambda *key: (2.5, "shipped")).detect_opportunities(g)
+    assert (o.source, o.estimated_speedup) == ("shipped", 2.5)
+    assert optimizer(price=lambda *key: (0.5, "shipped")).detect_opportunities(g) == []
+
+
+def test_measured_slowdown_skips_and_none_falls_back():
+    g = trace_graph(lambda a, b: nn.relu(a + b), X, X)
+    assert optimizer(price=FakeTracker(0.8).lookup).detect_opportunities(g) == []
+    (o,) = optimizer(price=FakeTracker(None).lookup).detect_opportunities(g)
     assert o.source == "model"
+
+
+def test_graph_package_does_not_import_the_measurement_code():
+    """graph/ is the compiler core: measurements reach it only as a price function."""
+    import ast
+    from pathlib import Path
+
+    import mlx_fusion.graph
+
+    for path in Path(mlx_fusion.graph.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names += [a.name for a in node.names]
+                assert not any(n.split(".")[-1] in ("tracker", "benchmark") for n in names), (path, names)
 
 
 # -- numerics: the rewritten graph computes what the original did --------------------------------------------

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Set
 import mlx.core as mx
 
 from ..graph.ir import Graph, Node, Value
+from ..ops.registry import DEFINITIONS
 
 __all__ = ["SUPPORTED_OPS", "Block", "Rejection", "EligibilityReport", "find_blocks", "static_values",
            "node_flops", "MAX_RANK"]
@@ -55,12 +56,14 @@ SUPPORTED_OPS: Dict[str, Callable[[Node], Optional[str]]] = {
         "Add", "Subtract", "Multiply", "Divide", "Maximum", "Minimum", "Power",
         "Exp", "Erf", "Tanh", "Sigmoid", "Abs", "Square", "Sqrt", "Negative", "Sin", "Cos",
         "Copy", "Softmax", "LogSumExp",
-        "Reshape", "Flatten", "Unflatten", "Squeeze", "ExpandDims", "Transpose", "Broadcast",
-        "FusedLinear", "FusedBinary", "FusedScalar")},
+        "Reshape", "Flatten", "Unflatten", "Squeeze", "ExpandDims", "Transpose", "Broadcast")},
+    # the fused ops whose definition has a Core ML emitter
+    **{d.node_op: _any for d in DEFINITIONS if d.coreml is not None},
     "Log": _log,
     "Reduce": _reduce,
     "AsType": _astype,
 }
+_FUSED_FLOPS = {d.node_op: d.flops for d in DEFINITIONS if d.flops is not None}
 _VIEWS = frozenset({"Reshape", "Flatten", "Unflatten", "Squeeze", "ExpandDims", "Transpose", "Broadcast",
                     "Copy", "AsType"})
 _RANDOM = frozenset({"RandomBits"})
@@ -111,8 +114,10 @@ class EligibilityReport:
 
 def node_flops(node: Node) -> float:
     """Estimated work: 2*M*K*N per GEMM, ~1 per output element elsewhere, 0 for views."""
-    if node.op in ("Matmul", "AddMM", "FusedLinear"):
-        # FusedLinear reads the same (K, N) right-hand side as AddMM/Matmul.
+    fused = _FUSED_FLOPS.get(node.op)
+    if fused is not None:
+        return float(fused(node))
+    if node.op in ("Matmul", "AddMM"):
         return 2.0 * node.inputs[0].size * node.inputs[1].shape[-1] + (
             node.outputs[0].size if node.op != "Matmul" else 0)
     if node.op in _VIEWS:

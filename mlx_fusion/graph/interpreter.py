@@ -229,25 +229,31 @@ def _conv(ins, p):
                             kernel_dilation=list(kdil), input_dilation=list(idil), groups=groups, flip=flip)]
 
 
-# -- fused ops (mlx_fusion.ops, written alongside) -----------------------------
+# -- fused ops: one entry per definition (mlx_fusion.ops.registry) -------------
 def _ops():
     from mlx_fusion import ops
 
     return ops
 
 
-def _fused(attr, call):
+def _fused(definition):
     def fn(ins, p):
-        return [call(getattr(_ops(), attr), ins, p)]
+        return definition.call(ins, p)
 
-    def check(node):  # plan-time: the fused op must exist, else the caller falls back
+    def check(node):  # plan-time: the fused ops must be importable, else the caller falls back
         try:
-            getattr(_ops(), attr)
+            _ops()
         except (ImportError, AttributeError) as e:
-            raise UnsupportedPrimitive(attr, f"mlx_fusion.ops.{attr} unavailable ({e})") from None
+            raise UnsupportedPrimitive(node.op, f"mlx_fusion.ops.fused_{definition.name} unavailable ({e})") from None
 
-    fn.check = check
+    fn.check, fn.definition = check, definition
     return fn
+
+
+def _fused_entries() -> Dict[str, Callable]:
+    from ..ops.registry import DEFINITIONS
+
+    return {d.node_op: _fused(d) for d in DEFINITIONS}
 
 
 PRIMITIVES: Dict[str, Callable] = {
@@ -310,12 +316,7 @@ PRIMITIVES: Dict[str, Callable] = {
     "RoPE": _rope,
     "ScaledDotProductAttention": _sdpa,
     # fused nodes written by mlx_fusion.graph.rules
-    "FusedBinary": _fused("fused_binary", lambda f, ins, p: f(
-        ins[0], ins[1], op=p["op"], activation=p["activation"])),
-    "FusedScalar": _fused("fused_scalar", lambda f, ins, p: f(
-        ins[0], scale=p["scale"], shift=p["shift"], activation=p["activation"])),
-    "FusedLinear": _fused("fused_linear", lambda f, ins, p: f(
-        ins[0], ins[1].T, ins[2] if len(ins) > 2 else None, activation=p["activation"])),
+    **_fused_entries(),
 }
 
 

@@ -6,14 +6,16 @@
 Detection runs the rule set (`rules.RULES`) over every node, prices each legal
 match, and keeps a non-overlapping set, best first. Without measurements the
 price is a roofline-style model (bytes moved and kernel launches, plus GEMM
-FLOPs), marked `source="model"`; a tracker with measured speedups overrides it.
+FLOPs), marked `source="model"`; a price function with measured speedups
+(`price(pattern, dtype, size, device) -> speedup | None`, e.g. the tracker's
+`lookup`, which `fuse()` passes) overrides it.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from ..config import FusionConfig, current_device_kind, get_config
 from .ir import Graph, GraphError, Node, Value
@@ -98,14 +100,18 @@ class FusionStats:
         return d
 
 
+Price = Callable[[object, object, int, str], Optional[float]]
+
+
 class FusionOptimizer:
     """Args:
         config (FusionConfig, optional): default: `get_config()` at each call, so
             `fusion_config(...)` blocks apply.
-        tracker (optional): has `lookup(pattern, dtype, size, device) -> Optional[float]`, a
-            measured speedup; opportunities measured below 1.0 are skipped. Default (``None``):
-            `mlx_fusion.tracker.default_tracker()`, the user's measurement cache; ``False``:
-            the model only.
+        price (Callable, optional): ``price(pattern, dtype, size, device) -> Optional[float]``,
+            a measured speedup (``source="measured"``); opportunities measured below 1.0 are
+            skipped, and ``None`` leaves the cost model to decide. It may also return
+            ``(speedup, source)`` to label where the number came from (``"shipped"`` priors).
+            Default (``None``): the model only.
         rules (RuleSet, optional): default `rules.RULES`.
         cost (CostModel, optional): the model used when nothing is measured.
         device (str, optional): "metal" / "cuda" / "cpu"; default: MLX's current device.
@@ -116,9 +122,10 @@ class FusionOptimizer:
             silu(gate(x)) fused, docs/performance.md). Default: ``False``.
     """
 
-    def __init__(self, config: Optional[FusionConfig] = None, tracker=None, rules: RuleSet = RULES,
-                 cost: CostModel = CostModel(), device: Optional[str] = None, compiled_replay: bool = False):
-        self._config, self.tracker, self.rules, self.cost, self._device = config, tracker, rules, cost, device
+    def __init__(self, config: Optional[FusionConfig] = None, *, price: Optional[Price] = None,
+                 compiled_replay: bool = False, rules: RuleSet = RULES, cost: CostModel = CostModel(),
+                 device: Optional[str] = None):
+        self._config, self.price, self.rules, self.cost, self._device = config, price, rules, cost, device
         self.compiled_replay = compiled_replay
 
     @property
@@ -136,11 +143,10 @@ class FusionOptimizer:
         if not config.enabled or not config.device_allowed(device):
             return []
         ctx = MatchContext(graph, config)
-        tracker = self._active_tracker()
         found = []
         for node in graph.nodes:
             for m in self.rules.matches(ctx, node):
-                opp = self._price(ctx, m, device, tracker)
+                opp = self._price(ctx, m, device)
                 if opp is not None:
                     found.append(opp)
         # Greedy by benefit; the stable sort leaves ties to graph order, then to the rule
@@ -153,18 +159,11 @@ class FusionOptimizer:
                 chosen.append(opp)
         return chosen
 
-    def _active_tracker(self):
-        if self.tracker is None:
-            from ..tracker import default_tracker  # lazy: it pulls in the benchmark code
-
-            return default_tracker()
-        return None if self.tracker is False else self.tracker  # False: model only
-
     def _feeds_only_elementwise(self, ctx: MatchContext, m: Match) -> bool:
         users = ctx.users.get(m.output.name, ())
         return bool(users) and m.output.name not in ctx.outputs and all(u.op in ELEMENTWISE_OPS for u in users)
 
-    def _price(self, ctx: MatchContext, m: Match, device: str, tracker=None) -> Optional[FusionOpportunity]:
+    def _price(self, ctx: MatchContext, m: Match, device: str) -> Optional[FusionOpportunity]:
         if self.compiled_replay and self._feeds_only_elementwise(ctx, m):
             return None  # mx.compile does better: see compiled_replay
         producer = ctx.producer
@@ -176,22 +175,22 @@ class FusionOptimizer:
         unfused = sum(self.cost.kernel([source_of(v) for v in n.inputs], n.outputs[0], _gemm_flops(n))
                       for n in m.nodes if n.op not in VIEW_OPS)
         gemm = sum(_gemm_flops(n) for n in m.nodes)
-        fused = self.cost.kernel(m.inputs, m.output, gemm)
-        saved = sum(v.nbytes for n in m.nodes[:-1] if n.op not in VIEW_OPS for v in n.outputs)
+        fused = self.cost.kernel(m.inputs, m.output, gemm) + sum(
+            v.nbytes for v in m.outputs[:-1]) / self.cost.bandwidth
+        kept = {v.name for v in m.outputs}
+        saved = sum(v.nbytes for n in m.nodes[:-1] if n.op not in VIEW_OPS for v in n.outputs
+                    if v.name not in kept)
         speedup, source = unfused / fused, "model"
-        if tracker is not None:
-            measured, how = tracker.lookup(m.pattern, m.output.dtype, m.size, device), "measured"
-            if measured is None:  # nothing measured here: what was measured on this kind of GPU
-                from ..tracker import prior_speedup
-
-                measured, how = prior_speedup(m.pattern, m.output.dtype, m.size, device), "shipped"
-            if measured is not None:
-                if measured < 1.0:
-                    return None  # measured slower than unfused: leave it alone
-                speedup, source = float(measured), how
+        measured = self.price(m.pattern, m.output.dtype, m.size, device) if self.price is not None else None
+        if isinstance(measured, tuple):  # (speedup, source), e.g. the shipped priors: "shipped"
+            measured, source = measured
+        if measured is not None:
+            if measured < 1.0:
+                return None  # measured slower than unfused: leave it alone
+            speedup, source = float(measured), (source if source != "model" else "measured")
         if speedup <= 1.0:
             return None
-        replacement = Node(-1, m.op, list(m.inputs), [m.output], dict(m.params))
+        replacement = Node(-1, m.op, list(m.inputs), list(m.outputs), dict(m.params))
         return FusionOpportunity(m.pattern, m.node_ids, speedup, saved, replacement,
                                  [n.id for n in m.via], source, unfused * (1 - 1 / speedup),
                                  m.output.dtype, m.size)
@@ -222,15 +221,16 @@ class FusionOptimizer:
         doomed = set(opp.node_ids)
         root = max(opp.node_ids, key=index.__getitem__)
         users = graph.users()
+        outs = list(opp.replacement.outputs)
+        kept = {v.name for v in outs}
         for i in opp.node_ids:  # re-check legality: the graph may have changed since detection
             for v in graph.nodes[index[i]].outputs:
-                if i != root and (graph.is_output(v.name)
-                                  or any(u.id not in doomed for u in users.get(v.name, ()))):
+                if i != root and v.name not in kept and (
+                        graph.is_output(v.name) or any(u.id not in doomed for u in users.get(v.name, ()))):
                     raise GraphError(f"{v.name} is now used outside the fusion")
-        out = opp.replacement.outputs[0]
-        if graph.nodes[index[root]].outputs[0].name != out.name:
+        if graph.nodes[index[root]].outputs[0].name != outs[-1].name:
             raise GraphError("root node no longer produces the fused output")
-        fused = Node(graph.next_id(), opp.replacement.op, list(opp.replacement.inputs), [out],
+        fused = Node(graph.next_id(), opp.replacement.op, list(opp.replacement.inputs), outs,
                      dict(opp.replacement.params))
         # The fused node takes the root's place: its inputs are all defined before the root
         # and the root's users all come after it, so topological order holds.

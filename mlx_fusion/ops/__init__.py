@@ -1,9 +1,11 @@
 """Fused primitives: each is one `mx.custom_function` with its own vjp, a Metal
-kernel, its CUDA twin and a CPU path (see docs/ops.md)."""
+kernel, its CUDA twin and a CPU path (see docs/ops.md). Each op family is one
+definition (`registry.DEFINITIONS`, ops/base.py)."""
 
-from .elementwise import binary_reference, fused_binary, fused_scalar, scalar_reference
+from .binary import binary_reference, fused_binary
 from .linear import fused_linear, linear_reference
-from .registry import FUSED_OPS, OpCase, cases
+from .registry import DEFINITIONS, FUSED_OPS, OpCase, cases
+from .scalar import fused_scalar, scalar_reference
 
 __all__ = [
     "fused_binary",
@@ -12,6 +14,7 @@ __all__ = [
     "binary_reference",
     "scalar_reference",
     "linear_reference",
+    "DEFINITIONS",
     "FUSED_OPS",
     "OpCase",
     "cases",

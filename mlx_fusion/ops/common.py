@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 import os
 from functools import lru_cache
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from ..patterns import Activation, BinaryOp
 
@@ -29,15 +30,17 @@ def promote(*dtypes: mx.Dtype) -> mx.Dtype:
     return out.dtype
 
 
-def as_array(x, like_dtype: mx.Dtype) -> mx.array:
-    """Python numbers are weakly typed in MLX: they take the other operand's dtype."""
-    if isinstance(x, mx.array):
-        return x
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"expected an mx.array or a Python number, got {type(x).__name__}")
-    if is_fusable_dtype(like_dtype):
-        return mx.array(x, dtype=like_dtype)
-    return mx.array(x)
+def as_number(v):
+    """`v` as a Python int or float if MLX types it weakly like one (a Python or NumPy int or
+    float: `mx.multiply(x, np.float32(2))` keeps x's dtype), else None: bools, NumPy arrays,
+    ints beyond int32 and non-numbers are left to MLX itself (its result, or its error)."""
+    if isinstance(v, np.generic) and isinstance(v, (np.integer, np.floating)):
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if isinstance(v, int) and not -(2**31) <= v < 2**31:
+        return None
+    return v
 
 
 def elements_per_thread(dtype: mx.Dtype) -> int:
@@ -76,10 +79,11 @@ def sum_to_shape(x: mx.array, shape: Sequence[int]) -> mx.array:
     return x.reshape(shape)
 
 
-def activation_grad(act: Activation, z: mx.array) -> mx.array:
-    """d act / dz as an MLX expression; the same closed forms as the kernels' fusion_activation_grad."""
+def activation_grad(act: Activation, z: mx.array, relu_at_zero: float = 0.0) -> mx.array:
+    """d act / dz as an MLX expression; the same closed forms as the kernels' fusion_activation_grad.
+    `relu_at_zero`: ReLU's derivative at exactly 0 (0 as nn.relu, 1 as mx.maximum(0, x))."""
     if act is Activation.RELU:
-        return (z > 0).astype(z.dtype)
+        return ((z >= 0) if relu_at_zero else (z > 0)).astype(z.dtype)
     if act is Activation.GELU:
         cdf = 0.5 * (1 + mx.erf(z * (1 / math.sqrt(2))))
         return cdf + z * (mx.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi)))
@@ -87,8 +91,10 @@ def activation_grad(act: Activation, z: mx.array) -> mx.array:
         c = math.sqrt(2 / math.pi)
         t = mx.tanh(c * (z + 0.044715 * z**3))
         return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
-    s = mx.sigmoid(z)
-    return s * (1 + z * (1 - s))
+    if act is Activation.SILU:
+        s = mx.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    raise ValueError(f"no derivative for activation {act!r}")
 
 
 @mx.compile

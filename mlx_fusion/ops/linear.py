@@ -25,12 +25,14 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from .. import kernels
-from ..patterns import Activation, as_activation
+from ..kernels import KernelSpec
+from ..patterns import Activation, LinearLayer, activation_reference, activation_spellings, as_activation
+from .base import FusedOp, OpCase, Spelling, Workload
 from .common import (activation_grad, cpu_compile, f32, is_fusable_dtype, promote, relu_grad_from_output,
                      tangents_for)
-from .elementwise import _params, launch_scalar, launch_scalar_backward
+from .scalar import _params, launch_scalar, launch_scalar_backward
 
-__all__ = ["fused_linear", "linear_reference", "SMALL_M_ROWS"]
+__all__ = ["fused_linear", "linear_reference", "SMALL_M_ROWS", "DEFINITION"]
 
 # Largest row count sent to the small-M kernel (at most 32: two 16-row tiles).
 # On an H100 (bf16, K = 4096, docs/performance.md) it beat mx.compile's
@@ -62,13 +64,13 @@ def launch_linear(act: Activation, x: mx.array, w: mx.array, b: Optional[mx.arra
     )
 
 
-def linear_reference(x, weight, bias=None, activation=None) -> mx.array:
+def linear_reference(x, weight, bias=None, activation=None, relu_at_zero: float = 0.0) -> mx.array:
     """act(x @ weight.T + bias) computed by MLX op by op."""
     y = x @ weight.T
     if bias is not None:
         y = y + bias
     act = as_activation(activation, allow_none=True)
-    return act.reference(y) if act is not None else y
+    return activation_reference(act, relu_at_zero)(y) if act is not None else y
 
 
 def _mlx_epilogue() -> bool:
@@ -84,12 +86,14 @@ def _mlx_epilogue() -> bool:
 
 
 @lru_cache(maxsize=None)
-def _linear_primitive(act: Activation, has_bias: bool):
+def _linear_primitive(act: Activation, has_bias: bool, relu_at_zero: float = 0.0):
     # ReLU's derivative can be read off its output (z > 0 exactly where y > 0),
     # so the backward keeps only y, which the next layer holds anyway; other
     # activations keep the pre-activation z as a hidden second output. This is
     # where a fused training step saves memory: the unfused graph keeps both.
-    keep_z = act is not Activation.RELU
+    # relu'(0) = 1 (mx.maximum(0, z)) needs z: kept, and its derivative runs as MLX code.
+    keep_z = act is not Activation.RELU or bool(relu_at_zero)
+    fn = activation_reference(act, relu_at_zero)
 
     def preactivation(x, w, *b):
         # The bias rides in the GEMM (MLX's addmm: an axpby epilogue on Metal,
@@ -101,7 +105,7 @@ def _linear_primitive(act: Activation, has_bias: bool):
 
     def parts(x, w, *b):
         z = preactivation(x, w, *b)
-        return outputs_of(act.reference(z), z)
+        return outputs_of(fn(z), z)
 
     # MLX's own elementwise code (the CPU path, and the GPU path at large M);
     # mx.compile fuses each into one loop. The forward activation runs in the
@@ -113,10 +117,10 @@ def _linear_primitive(act: Activation, has_bias: bool):
     # the kernels: their closed forms cancel badly in bfloat16.
     def mlx_parts(x, w, *b):
         z = preactivation(x, w, *b)
-        return outputs_of(act.reference(z), z)
+        return outputs_of(fn(z), z)
 
     def dz_of(t, g):  # t is z
-        return (f32(g) * activation_grad(act, f32(t))).astype(t.dtype)
+        return (f32(g) * activation_grad(act, f32(t), relu_at_zero)).astype(t.dtype)
 
     mlx_forward = cpu_compile(mlx_parts, act)
     mlx_dz = mx.compile(dz_of) if keep_z else relu_grad_from_output
@@ -134,7 +138,7 @@ def _linear_primitive(act: Activation, has_bias: bool):
         if backend is None or _mlx_epilogue():
             return mlx_forward(x, w, *b)
         z = preactivation(x, w, *b)
-        return outputs_of(launch_scalar(act, mx.stop_gradient(z), identity), z)
+        return outputs_of(launch_scalar(mx.stop_gradient(z), identity), z)
 
     @fused.vjp
     def fused_vjp(primals, cotangents, outputs):
@@ -143,10 +147,10 @@ def _linear_primitive(act: Activation, has_bias: bool):
             g, t = cotangents[0], outputs[1]
         else:
             g, t = (c[0] if isinstance(c, (list, tuple)) else c for c in (cotangents, outputs))
-        if kernels.kernel_backend() is None or _mlx_epilogue():
+        if kernels.kernel_backend() is None or _mlx_epilogue() or relu_at_zero:
             dz = mlx_dz(t, g)
         else:
-            dz = launch_scalar_backward(act, t, identity, g)
+            dz = launch_scalar_backward(t, identity, g)
         grads = (dz @ w, dz.T @ x)
         if has_bias:
             grads += (dz.sum(axis=0).astype(primals[2].dtype),)
@@ -165,13 +169,13 @@ def _linear_primitive(act: Activation, has_bias: bool):
     return fused, keep_z
 
 
-def _empty_linear(x, weight, bias, act, dtype):
+def _empty_linear(x, weight, bias, act, dtype, relu_at_zero):
     """An empty product (M, N or K = 0) without a GEMM: its sum over K is zero.
     (MLX 0.32.4's CUDA matmul crashes on some empty operands.)"""
     y = mx.zeros((*x.shape[:-1], weight.shape[0]), dtype)
     if bias is not None:
         y = y + bias
-    return act.reference(y) if act is not None else y
+    return activation_reference(act, relu_at_zero)(y) if act is not None else y
 
 
 def fused_linear(
@@ -179,6 +183,7 @@ def fused_linear(
     weight: mx.array,
     bias: Optional[mx.array] = None,
     activation: Union[str, Activation, None] = None,
+    relu_at_zero: float = 0.0,
 ) -> mx.array:
     """``act(x @ weight.T + bias)`` as one fused primitive.
 
@@ -188,6 +193,7 @@ def fused_linear(
         bias (array, optional): ``(out,)``. Default: ``None``.
         activation (str or Activation, optional): as in :func:`fused_binary`,
             or ``None`` for no activation. Default: ``None``.
+        relu_at_zero (float): ReLU's derivative at exactly 0, as in :func:`fused_binary`.
 
     Returns:
         array: ``(..., out)``, the same values as the unfused expression.
@@ -197,15 +203,16 @@ def fused_linear(
     if not all(isinstance(t, mx.array) for t in arrays):
         raise TypeError("fused_linear: x, weight and bias must be mx.array")
     if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.ndim > 1):
-        return linear_reference(x, weight, bias, act)  # MLX raises its own shape error, or broadcasts
+        # MLX raises its own shape error, or broadcasts
+        return linear_reference(x, weight, bias, act, relu_at_zero)
     out_features = weight.shape[0]
     if bias is not None and bias.size not in (1, out_features):
-        return linear_reference(x, weight, bias, act)
+        return linear_reference(x, weight, bias, act, relu_at_zero)
     dtype = promote(*(t.dtype for t in arrays))
     if not all(is_fusable_dtype(t.dtype) for t in arrays):
-        return linear_reference(x, weight, bias, act)
+        return linear_reference(x, weight, bias, act, relu_at_zero)
     if x.size == 0 or weight.size == 0:
-        return _empty_linear(x, weight, bias, act, dtype)
+        return _empty_linear(x, weight, bias, act, dtype, relu_at_zero)
     if act is None:
         if bias is None:
             return x @ weight.T
@@ -216,7 +223,140 @@ def fused_linear(
     if bias is not None:
         args.append(bias if bias.shape == (out_features,) else mx.broadcast_to(bias, (out_features,)))
     args = [t.astype(dtype) if t.dtype != dtype else t for t in args]
-    prim, keep_z = _linear_primitive(act, bias is not None)
+    prim, keep_z = _linear_primitive(act, bias is not None, float(relu_at_zero))
     y = prim(*args)
     y = y[0] if keep_z else y
     return y.reshape(*lead, out_features)
+
+
+# --- the definition ----------------------------------------------------------------
+
+def _row_vector(shape, n: int) -> bool:
+    """Broadcastable to one output row (N,): a bias, not a residual."""
+    s = tuple(shape)
+    return len(s) == 0 or (s[-1] in (1, n) and all(d == 1 for d in s[:-1]))
+
+
+def _build(act, tie, has_bias):
+    def build(m):
+        x, rhs = m.args[0], m.args[1]
+        if len(rhs.shape) != 2 or len(x.shape) < 2 or x.shape[-1] != rhs.shape[0]:
+            return None
+        # Rows are independent, so (..., K) -> (M, K) @ W -> (..., N) is x @ W on the original x.
+        if tuple(m.output.shape) != tuple(x.shape[:-1]) + (rhs.shape[1],):
+            return None
+        if has_bias and not _row_vector(m.args[2].shape, rhs.shape[1]):
+            return None
+        params = {"activation": act, "has_bias": has_bias}
+        if tie:
+            params["relu_at_zero"] = tie
+        return list(m.args), params, []
+    return build
+
+
+def _examples(rank, has_bias):
+    def example(dt):
+        x = mx.zeros((4, 8) if rank == 2 else (2, 4, 8), dt)
+        return (x, mx.zeros((8, 6), dt)) + ((mx.zeros((6,), dt),) if has_bias else ())
+    return example
+
+
+def _spellings():
+    """x @ rhs (+ bias) then act, as MLX exports it: Matmul + Add(bias), AddMM (what nn.Linear
+    calls), Matmul alone; 2-D, and 3-D through Flatten/Reshape. `rhs` is the (K, N) operand as it
+    enters the matmul (Transpose(W) for nn.Linear). Longest first; a bare AddMM or Matmul is
+    never a candidate (it already is one kernel)."""
+    out = []
+    spelled = [(act, fn, tie) for act, fn, tie in activation_spellings()] + [(None, lambda y: y, 0.0)]
+    for act, fn, tie in spelled:
+        rule = f"linear+{act.value}" if act else "linear+bias"
+        forms = [("mm+bias", lambda x, r, c, fn=fn: fn(x @ r + c), True)]
+        if act is not None:
+            forms += [("addmm", lambda x, r, c, fn=fn: fn(mx.addmm(c, x, r)), True),
+                      ("mm", lambda x, r, fn=fn: fn(x @ r), False)]
+        for _, ref, has_bias in forms:
+            for rank in (2, 3):
+                out.append(Spelling(pattern=LinearLayer(has_bias, act), reference=ref,
+                                    example=_examples(rank, has_bias), build=_build(act, tie, has_bias),
+                                    rule=rule))
+    return out
+
+
+def _call(ins, p):
+    # The node holds rhs (K, N) exactly as it entered the matmul; fused_linear takes W (N, K).
+    return [fused_linear(ins[0], ins[1].T, ins[2] if len(ins) > 2 else None, activation=p["activation"],
+                         relu_at_zero=p.get("relu_at_zero", 0.0))]
+
+
+def _reference_call(ins, p):
+    return [linear_reference(ins[0], ins[1].T, ins[2] if len(ins) > 2 else None, p["activation"],
+                             p.get("relu_at_zero", 0.0))]
+
+
+def _inputs(case, shape, dtype, key):
+    """shape is (M, K, N): [x (M, K), weight (N, K)(, bias (N,))]."""
+    m, k, n = shape
+    k1, k2, k3 = mx.random.split(key, 3)
+    x = mx.random.normal((m, k), key=k1).astype(dtype)
+    w = (mx.random.normal((n, k), key=k2) / k**0.5).astype(dtype)
+    arrays = [x, w]
+    if case.pattern.has_bias:
+        arrays.append(mx.random.normal((n,), key=k3).astype(dtype))
+    return arrays
+
+
+def _linear_defaults(gpu: bool, quick: bool = False) -> list:
+    """(M, K, N) at decode and large shapes."""
+    if quick:
+        # A CPU GEMM at 256x1024x1024 takes ~0.1 s a call: too slow for a quick run.
+        return [(1, 1024, 1024), (256, 1024, 1024)] if gpu else [(1, 512, 512), (64, 512, 512)]
+    if gpu:
+        return [(1, 4096, 4096), (32, 4096, 4096), (4096, 4096, 4096), (8192, 4096, 11008)]
+    return [(1, 2048, 2048), (32, 2048, 2048), (512, 2048, 2048)]
+
+
+# Benchmark shapes are (M, K, N); an output of n elements is M x 1024 with K = N = 1024.
+LINEAR = Workload(
+    shape_for_size=lambda n: (max(1, n // min(1024, n)), 1024, min(1024, n)),
+    output_size=lambda s: s[0] * s[2],
+    copy_size=lambda s: max(s[0] * s[1], s[1] * s[2], s[0] * s[2]),
+    flops=lambda s: 2.0 * s[0] * s[1] * s[2],
+    default_shapes=_linear_defaults)
+
+
+def _cases():
+    out = []
+    for has_bias in (True, False):
+        for act in list(Activation) + [None]:
+            pat = LinearLayer(has_bias, act)
+            out.append(OpCase(
+                pat.name, "linear", pat,
+                lambda x, w, *b, act=act: fused_linear(x, w, b[0] if b else None, act),
+                lambda x, w, *b, act=act: linear_reference(x, w, b[0] if b else None, act), _inputs, LINEAR))
+    return out
+
+
+def _coreml(c, node, ins):
+    bias = None
+    if len(ins) > 2:
+        bias = c.bias_vector(ins[2], node.outputs[0].shape[-1])
+    y = c.mm(node, ins[:2], bias)
+    if len(ins) > 2 and bias is None:
+        a, b = c.operands([y, ins[2]], node.outputs[0].shape)
+        y = c.mb.add(x=a, y=b)
+    return [c.activation(y, node.params.get("activation"))]
+
+
+DEFINITION = FusedOp(
+    name="linear", order=2, node_op="FusedLinear", spellings=_spellings, call=_call,
+    reference_call=_reference_call, cases=_cases, coreml=_coreml,
+    # 2*M*K*N, plus the epilogue: the node reads the same (K, N) right-hand side as AddMM/Matmul.
+    flops=lambda node: 2.0 * node.inputs[0].size * node.inputs[1].shape[-1] + node.outputs[0].size,
+    kernels=(
+        # z = x @ w.T + b, out = act(z) for M <= 16 * MT rows (tensor-core tiles on CUDA);
+        # p = (scale, shift, activation code) as for scalar_activation. b is read only when HAS_BIAS.
+        KernelSpec("linear_activation", ("x", "w", "b", "p"), ("out", "z"), elementwise=False,
+                   ensure_row_contiguous=True, dtypes=("float16", "bfloat16"),
+                   templates=(("MT", (1, 2)), ("NT", (2, 4)), ("HAS_BIAS", (False, True)))),
+    ),
+    doc="act(x @ rhs + bias): FusedLinear(x, rhs[, bias]), params {pattern, activation, has_bias}.")

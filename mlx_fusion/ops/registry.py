@@ -1,87 +1,63 @@
-"""Every fused op with its unfused reference: what tests and benchmarks iterate.
+"""The list of fused op definitions, and the registry tables derived from it.
 
-Adding a pattern adds cases here (one line in `_build`), and every test that
-loops over `FUSED_OPS` picks it up.
+`DEFINITIONS` is every module of this package that has a `DEFINITION` (a
+`FusedOp`, see ops/base.py), in (`FusedOp.order`, name) order: a new fused op is
+one definition file here, nothing to register. Tests and benchmarks iterate
+`FUSED_OPS` (or `cases(kind)`); the graph rules trace each definition's
+spellings; the interpreter, `kernels.KERNEL_SPECS` and the Core ML tables read
+it too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List, Tuple
+import importlib
+import pkgutil
+from typing import Dict, List, Optional
 
-import mlx.core as mx
+from .base import FusedOp, OpCase
 
-from ..patterns import Activation, BinaryActivation, BinaryOp, LinearLayer, ScalarActivation, ScalarOp
-from .elementwise import binary_reference, fused_binary, fused_scalar, scalar_reference
-from .linear import fused_linear, linear_reference
-
-__all__ = ["OpCase", "FUSED_OPS", "cases"]
+__all__ = ["DEFINITIONS", "OpCase", "FUSED_OPS", "cases", "definition", "case_for"]
 
 
-@dataclass(frozen=True)
-class OpCase:
-    """One fused op configuration.
-
-    kind: "binary" (inputs a, b), "scalar" (input x), "linear" (x, weight[, bias]).
-    fused / reference: callables over the arrays from `make_inputs`.
-    """
-
-    name: str
-    kind: str
-    pattern: object
-    fused: Callable
-    reference: Callable
-
-    def make_inputs(self, shape: Tuple[int, ...], dtype=mx.float32, key=None) -> List[mx.array]:
-        """Random inputs: binary -> [a, b], both of `shape`;
-        scalar -> [x]; linear -> shape is (M, K, N): [x (M, K), weight (N, K)(, bias (N,))]."""
-        key = key if key is not None else mx.random.key(0)
-        k1, k2, k3 = mx.random.split(key, 3)
-        if self.kind == "linear":
-            m, k, n = shape
-            x = mx.random.normal((m, k), key=k1).astype(dtype)
-            w = (mx.random.normal((n, k), key=k2) / k**0.5).astype(dtype)
-            arrays = [x, w]
-            if self.pattern.has_bias:
-                arrays.append(mx.random.normal((n,), key=k3).astype(dtype))
-            return arrays
-        a = mx.random.normal(shape, key=k1).astype(dtype)
-        if self.kind == "scalar":
-            return [a]
-        b = mx.random.normal(shape, key=k2).astype(dtype)
-        if self.pattern.binary_op is BinaryOp.DIV:
-            b = mx.where(mx.abs(b) < 0.25, 0.25, b).astype(dtype)  # keep the division well conditioned
-        return [a, b]
+def _discover() -> tuple:
+    found = []
+    for info in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        d = getattr(module, "DEFINITION", None)
+        if isinstance(d, FusedOp):
+            found.append(d)
+    found.sort(key=lambda d: (d.order, d.name))
+    names = [d.node_op for d in found]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two fused op definitions share a node op: {names}")
+    return tuple(found)
 
 
-def _build() -> List[OpCase]:
-    out = []
-    for op in BinaryOp:
-        for act in Activation:
-            out.append(OpCase(
-                f"{op.value}+{act.value}", "binary", BinaryActivation(op, act),
-                lambda a, b, op=op, act=act: fused_binary(a, b, op, act),
-                lambda a, b, op=op, act=act: binary_reference(a, b, op, act),
-            ))
-    for act in Activation:
-        out.append(OpCase(
-            f"affine+{act.value}", "scalar", ScalarActivation(ScalarOp.AFFINE, act),
-            lambda x, act=act: fused_scalar(x, 1.5, -0.25, act),
-            lambda x, act=act: scalar_reference(x, 1.5, -0.25, act),
-        ))
-    for has_bias in (True, False):
-        for act in list(Activation) + [None]:
-            pat = LinearLayer(has_bias, act)
-            out.append(OpCase(
-                pat.name, "linear", pat,
-                lambda x, w, *b, act=act: fused_linear(x, w, b[0] if b else None, act),
-                lambda x, w, *b, act=act: linear_reference(x, w, b[0] if b else None, act),
-            ))
-    return out
+DEFINITIONS: tuple = _discover()
+
+FUSED_OPS: List[OpCase] = [c for d in DEFINITIONS for c in d.cases()]
+
+_BY_NODE_OP: Dict[str, FusedOp] = {d.node_op: d for d in DEFINITIONS}
 
 
-FUSED_OPS: List[OpCase] = _build()
-
-
-def cases(kind: str = None) -> List[OpCase]:
+def cases(kind: Optional[str] = None) -> List[OpCase]:
+    """The registry cases of one family ("binary", "scalar", "linear"), or all."""
     return [c for c in FUSED_OPS if kind is None or c.kind == kind]
+
+
+def definition(node_op: str) -> FusedOp:
+    """The definition whose fused nodes have op `node_op` ("FusedBinary"); KeyError if none."""
+    return _BY_NODE_OP[node_op]
+
+
+def case_for(pattern) -> OpCase:
+    """The case that benchmarks `pattern` (an instance or a name like "add+relu"): a registry
+    case, else one its definition makes (`FusedOp.case_for`); ValueError if none."""
+    for case in FUSED_OPS:
+        if case.pattern == pattern or case.name == pattern or case.pattern.name == pattern:
+            return case
+    for d in DEFINITIONS:
+        case = d.case_for(pattern) if d.case_for is not None else None
+        if case is not None:
+            return case
+    raise ValueError(f"no benchmark for pattern {pattern!r}; known: {[c.name for c in FUSED_OPS]}")
