@@ -77,6 +77,7 @@ class _FusionState:
 
     def _build(self, make_graph, cfg, params=(), training=False) -> _Entry:
         from .graph.optimizer import FusionOptimizer
+        from .tracker import price
 
         try:
             graph = make_graph()
@@ -85,7 +86,7 @@ class _FusionState:
         # Neural Engine offload runs first, on the plain trace (docs/neural-engine.md).
         offloaded = _offload(graph, cfg, params, training) if cfg.neural_engine else 0
         try:
-            stats = FusionOptimizer(cfg, compiled_replay=self.compile and not offloaded).optimize(graph)
+            stats = FusionOptimizer(cfg, price=price, compiled_replay=self.compile and not offloaded).optimize(graph)
             graph.lint()
         except Exception as e:  # a bug in a rewrite must not break the user's model
             return self.fall_back(f"fusion pass failed: {type(e).__name__}: {e}")

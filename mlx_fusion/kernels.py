@@ -24,6 +24,8 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import mlx.core as mx
 
+from .device import current_device_kind
+
 __all__ = [
     "KernelSpec",
     "KERNEL_SPECS",
@@ -130,13 +132,8 @@ def kernel_backend() -> Optional[str]:
     forced = getattr(_override, "backend", None)
     if forced is not None:
         return forced[0]
-    if mx.default_device().type != mx.DeviceType.gpu:
-        return None
-    if mx.metal.is_available():
-        return "metal"
-    if mx.cuda.is_available():
-        return "cuda"
-    return None
+    kind = current_device_kind()
+    return None if kind == "cpu" else kind
 
 
 _cache: Dict[tuple, Callable] = {}

@@ -1,7 +1,6 @@
 """The performance tracker: cache file round trips, robustness, concurrency, and the
 optimizer deciding from measurements. No timing assertions: speed lives in benchmarks."""
 
-import inspect
 import json
 import os
 import signal
@@ -160,13 +159,7 @@ def two_fusions():
 
 def detect(use_cache=True):
     """The optimizer pricing with the tracker (what fuse() does), or with its cost model only."""
-    if "price" in inspect.signature(FusionOptimizer).parameters:
-        kw = {"price": price if use_cache else None}
-    else:  # the optimizer before it took a price function: tracker=None meant default_tracker()
-        kw = {} if use_cache else {"tracker": False}
-    if "device" in inspect.signature(FusionOptimizer).parameters:
-        kw["device"] = "cpu"
-    opt = FusionOptimizer(FusionConfig(min_tensor_size=0), **kw)
+    opt = FusionOptimizer(FusionConfig(min_tensor_size=0), price=price if use_cache else None, device="cpu")
     return {o.name: o for o in opt.detect_opportunities(two_fusions())}
 
 
@@ -374,7 +367,6 @@ def test_the_measurement_layer_imports_nothing_above_it_at_import_time():
         assert not local & above
 
 
-@pytest.mark.xfail(reason="graph/optimizer.py takes price= on the ops branch; not yet merged here", strict=False)
 def test_graph_imports_neither_tracker_nor_benchmark():
     for path in (ROOT / "mlx_fusion" / "graph").glob("*.py"):
         text = path.read_text()

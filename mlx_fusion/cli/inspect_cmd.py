@@ -4,7 +4,6 @@ graphs before and after as Graphviz DOT."""
 from __future__ import annotations
 
 import argparse
-import inspect
 
 from .common import (EXIT_OK, EXIT_TRACE, SPEC_HELP, bytes_text, check_writable, consoles, env, error, print_table,
                      set_device, write_json, write_text)
@@ -82,9 +81,7 @@ def _optimizer():
     from ..graph.optimizer import FusionOptimizer
     from ..tracker import price
 
-    if "price" in inspect.signature(FusionOptimizer).parameters:
-        return FusionOptimizer(price=price, compiled_replay=True)
-    return FusionOptimizer(compiled_replay=True)  # an optimizer that finds default_tracker() itself
+    return FusionOptimizer(price=price, compiled_replay=True)
 
 
 def _q(text: str) -> str:
