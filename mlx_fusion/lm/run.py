@@ -1,0 +1,135 @@
+"""Run mlx-lm's own commands with every model they load fused (a drop-in, as Liger patches
+Hugging Face models).
+
+    mlx-fusion run mlx_lm.generate --model DIR --prompt "hi" --max-tokens 5
+    mlx-fusion run mlx_lm.lora --model DIR --train --data DATA --iters 10
+    mlx-fusion run --no-compile mlx_lm generate --model DIR     # python -m mlx_lm generate ...
+    mlx-fusion run my_script.py --my-flag                       # a script that calls mlx_lm.load
+
+or, in your own code, one line before loading:
+
+    import mlx_fusion.lm; mlx_fusion.lm.patch_mlx_lm()
+    from mlx_lm import load, generate
+    model, tokenizer = load("path/or/repo")                 # model is mlx_fusion.fuse(model)
+
+`patch_mlx_lm` wraps ``mlx_lm.utils.load_model`` and ``mlx_lm.utils.load`` so the model
+they return is ``mlx_fusion.fuse(model)``, and rebinds those names in every mlx_lm module
+already imported (``mlx_lm.generate``, ``mlx_lm.lora``, ... import them with ``from .utils
+import load``); modules imported later pick up the patched functions from mlx_lm.utils.
+``load`` calls ``load_model``; `fuse` of a fused model returns it, so a model is fused once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import runpy
+import sys
+from typing import List, Optional
+
+__all__ = ["patch_mlx_lm", "unpatch_mlx_lm", "is_patched", "run_module", "add_run_parser", "cmd_run"]
+
+_NAMES = ("load_model", "load")
+_originals: dict = {}  # name -> mlx_lm.utils's own function, while patched
+
+
+def _fused_loader(original, fuse_model):
+    @functools.wraps(original)
+    def load_fused(*args, **kwargs):
+        result = original(*args, **kwargs)  # (model, config) or (model, tokenizer[, config])
+        return (fuse_model(result[0]), *result[1:])
+
+    load_fused.__mlx_fusion_original__ = original
+    return load_fused
+
+
+def _rebind(old, new) -> None:
+    """Point every loaded mlx_lm module's global bound to `old` at `new`."""
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "mlx_lm" or name.startswith("mlx_lm.")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if value is old:
+                setattr(module, attr, new)
+
+
+def patch_mlx_lm(config=None, *, compile: bool = True) -> None:
+    """Make mlx-lm's loaders return fused models: ``fuse(model, config, compile=compile)``.
+
+    Args:
+        config (FusionConfig, optional): passed to `mlx_fusion.fuse`.
+        compile (bool): passed to `mlx_fusion.fuse`. Default: ``True``.
+
+    Calling it again replaces the options; `unpatch_mlx_lm` restores mlx-lm.
+    """
+    import mlx_lm.utils as utils
+
+    from ..fuse import fuse
+
+    unpatch_mlx_lm()
+    fuse_model = functools.partial(fuse, config=config, compile=compile)
+    for name in _NAMES:
+        original = getattr(utils, name)
+        _originals[name] = original
+        _rebind(original, _fused_loader(original, fuse_model))
+
+
+def unpatch_mlx_lm() -> None:
+    """Undo `patch_mlx_lm` (models already loaded stay fused)."""
+    import mlx_lm.utils as utils
+
+    for name, original in list(_originals.items()):
+        _rebind(getattr(utils, name), original)
+        del _originals[name]
+
+
+def is_patched() -> bool:
+    return bool(_originals)
+
+
+def run_module(target: str, argv: List[str], config=None, compile: bool = True) -> int:
+    """Run `target` (a module such as ``mlx_lm.generate``, or a ``.py`` file) as ``__main__``
+    with ``sys.argv = [target, *argv]`` and mlx-lm patched; returns its exit code."""
+    saved_argv = sys.argv
+    patch_mlx_lm(config, compile=compile)
+    try:
+        sys.argv = [target, *argv]
+        if target.endswith(".py") or os.path.isfile(target):
+            runpy.run_path(target, run_name="__main__")
+        else:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+    except SystemExit as e:  # argparse, sys.exit(): the command's own exit code
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        unpatch_mlx_lm()
+    return 0
+
+
+def add_run_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``mlx-fusion run`` to an argparse subparsers object (called by mlx_fusion/cli.py)."""
+    p = subparsers.add_parser(
+        "run", help="run an mlx-lm command (or a script) with every model it loads fused",
+        description="Run MODULE (e.g. mlx_lm.generate, mlx_lm.lora) or a .py file as __main__ with ARGS, "
+                    "with mlx_lm's load/load_model patched to return mlx_fusion.fuse(model). "
+                    "Exits with the command's exit code.")
+    p.add_argument("--no-compile", action="store_true",
+                   help="fuse(model, compile=False): replay the fused graph eagerly")
+    p.add_argument("target", metavar="MODULE", help="a module run as with python -m (mlx_lm.generate), or a .py file")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="passed to MODULE unchanged")
+    p.set_defaults(func=cmd_run)
+    return p
+
+
+def cmd_run(args) -> int:
+    return run_module(args.target, list(args.args), compile=not args.no_compile)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m mlx_fusion.lm MODULE ARGS...`` (what ``mlx-fusion run`` does)."""
+    ap = argparse.ArgumentParser(prog="mlx-fusion run")
+    sub = ap.add_subparsers(dest="command")
+    add_run_parser(sub)
+    args = ap.parse_args(["run", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
