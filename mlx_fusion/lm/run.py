@@ -26,9 +26,10 @@ import functools
 import os
 import runpy
 import sys
+import warnings
 from typing import List, Optional
 
-__all__ = ["patch_mlx_lm", "unpatch_mlx_lm", "is_patched", "run_module", "add_run_parser", "cmd_run"]
+__all__ = ["patch_mlx_lm", "unpatch_mlx_lm", "is_patched", "run_module", "add_run_parser", "cmd_run", "summary_line"]
 
 _NAMES = ("load_model", "load")
 _originals: dict = {}  # name -> mlx_lm.utils's own function, while patched
@@ -95,16 +96,31 @@ def run_module(target: str, argv: List[str], config=None, compile: bool = True) 
     patch_mlx_lm(config, compile=compile)
     try:
         sys.argv = [target, *argv]
-        if target.endswith(".py") or os.path.isfile(target):
-            runpy.run_path(target, run_name="__main__")
-        else:
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        with warnings.catch_warnings():
+            # patch_mlx_lm imported mlx_lm (whose __init__ imports mlx_lm.generate): harmless here
+            warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
+                                    category=RuntimeWarning)
+            if target.endswith(".py") or os.path.isfile(target):
+                runpy.run_path(target, run_name="__main__")
+            else:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
     except SystemExit as e:  # argparse, sys.exit(): the command's own exit code
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = saved_argv
         unpatch_mlx_lm()
     return 0
+
+
+def summary_line() -> str:
+    """One line on what fusion did in this process (`mlx_fusion.stats`)."""
+    from ..fuse import stats
+
+    s = stats()
+    reasons = sorted({f["reason"] for f in s["fallbacks"]})
+    return (f"mlx-fusion: {s['fused_objects']} fused model(s), {s['traces']} trace(s), "
+            f"{s['applied_count']} fusion(s) applied"
+            + (f"; ran unfused: {'; '.join(reasons)}" if reasons else ""))
 
 
 def add_run_parser(subparsers) -> argparse.ArgumentParser:
@@ -116,6 +132,7 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
                     "Exits with the command's exit code.")
     p.add_argument("--no-compile", action="store_true",
                    help="fuse(model, compile=False): replay the fused graph eagerly")
+    p.add_argument("--quiet", action="store_true", help="do not print the fusion summary line (stderr) at the end")
     p.add_argument("target", metavar="MODULE", help="a module run as with python -m (mlx_lm.generate), or a .py file")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="passed to MODULE unchanged")
     p.set_defaults(func=cmd_run)
@@ -123,7 +140,11 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    return run_module(args.target, list(args.args), compile=not args.no_compile)
+    try:
+        return run_module(args.target, list(args.args), compile=not args.no_compile)
+    finally:  # also when the command raises: say what fusion did before its traceback
+        if not args.quiet:
+            print(summary_line(), file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -9,7 +9,7 @@ our own: ``batch`` and ``seq`` (the example token ids, default 2 x 32), ``dtype`
 float16, bfloat16; default float32) and ``seed`` (default 0). Unset required fields come from
 small defaults that run on a CPU in milliseconds (`model_config`).
 
-``mlx-lm:<dir>[:batch=..,seq=..,dtype=..]`` loads a converted model with mlx-lm's own
+``mlx-lm:<dir>[:batch=..,seq=..,dtype=..]`` (a path with a ``/``: ``./name``, not ``name``) loads a converted model with mlx-lm's own
 ``load_model`` (no network, no tokenizer needed).
 
 The result is what `mlx_fusion.models.load_spec` returns: ``(model, (tokens,))`` with int32
@@ -138,9 +138,12 @@ def parse(text: str) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
     text = text.strip()
     if text.startswith(PREFIX):
         text = text[len(PREFIX):]
-    head, sep, tail = text.rpartition(":")
-    if not sep or "=" not in tail:  # no options (a directory may contain ':' itself)
-        head, tail = text, ""
+    if _is_dir(text.partition(":")[0]):  # a directory may contain ':' itself: options follow the last one
+        head, sep, tail = text.rpartition(":")
+        if not sep or "=" not in tail:
+            head, tail = text, ""
+    else:
+        head, _, tail = text.partition(":")
     if not head:
         raise SpecError("mlx-lm SPEC: expected mlx-lm:<arch>[:key=value,...] or mlx-lm:<model dir>")
     overrides, own = {}, dict(OWN_OPTIONS)
@@ -171,7 +174,8 @@ def _own_value(head: str, key: str, value: str):
 
 
 def _is_dir(head: str) -> bool:
-    return "/" in head or "\\" in head or head.startswith(".") or Path(head).expanduser().is_dir()
+    """A path, by its spelling (a bare name is an architecture: write ./name for a directory)."""
+    return "/" in head or "\\" in head or head.startswith((".", "~"))
 
 
 def _load_dir(path: Path, overrides: dict, dtype) -> nn.Module:
