@@ -64,12 +64,15 @@ def patch_mlx_lm(config=None, *, compile: bool = True) -> None:
 
     Calling it again replaces the options; `unpatch_mlx_lm` restores mlx-lm.
     """
-    import mlx_lm.utils as utils
-
     from ..fuse import fuse
 
+    _patch(functools.partial(fuse, config=config, compile=compile))
+
+
+def _patch(fuse_model) -> None:
+    import mlx_lm.utils as utils
+
     unpatch_mlx_lm()
-    fuse_model = functools.partial(fuse, config=config, compile=compile)
     for name in _NAMES:
         original = getattr(utils, name)
         _originals[name] = original
@@ -89,11 +92,20 @@ def is_patched() -> bool:
     return bool(_originals)
 
 
-def run_module(target: str, argv: List[str], config=None, compile: bool = True) -> int:
+def run_module(target: str, argv: List[str], config=None, compile: bool = True, summary: bool = False) -> int:
     """Run `target` (a module such as ``mlx_lm.generate``, or a ``.py`` file) as ``__main__``
-    with ``sys.argv = [target, *argv]`` and mlx-lm patched; returns its exit code."""
-    saved_argv = sys.argv
-    patch_mlx_lm(config, compile=compile)
+    with ``sys.argv = [target, *argv]`` and mlx-lm patched; returns its exit code.
+
+    With `summary`, print `summary_line` to stderr at the end (also when the command raises)."""
+    from ..fuse import fuse
+
+    saved_argv, loaded = sys.argv, []
+
+    def fuse_and_keep(model):  # kept until the summary is printed: the command has dropped them by then
+        loaded.append(fuse(model, config, compile=compile))
+        return loaded[-1]
+
+    _patch(fuse_and_keep)
     try:
         sys.argv = [target, *argv]
         with warnings.catch_warnings():
@@ -109,17 +121,18 @@ def run_module(target: str, argv: List[str], config=None, compile: bool = True) 
     finally:
         sys.argv = saved_argv
         unpatch_mlx_lm()
+        if summary:
+            print(summary_line(loaded), file=sys.stderr)
     return 0
 
 
-def summary_line() -> str:
-    """One line on what fusion did in this process (`mlx_fusion.stats`)."""
-    from ..fuse import stats
-
-    s = stats()
-    reasons = sorted({f["reason"] for f in s["fallbacks"]})
-    return (f"mlx-fusion: {s['fused_objects']} fused model(s), {s['traces']} trace(s), "
-            f"{s['applied_count']} fusion(s) applied"
+def summary_line(models) -> str:
+    """One line on what fusion did for `models` (fused modules): traces, fusions, fallbacks."""
+    states = list({id(m): m._fusion for m in models}.values())
+    traces = sum(len(st.graphs) for st in states)
+    applied = sum(st.stats.applied_count for st in states)
+    reasons = sorted({r for st in states for r in st.fallbacks})
+    return (f"mlx-fusion: {len(states)} fused model(s), {traces} trace(s), {applied} fusion(s) applied"
             + (f"; ran unfused: {'; '.join(reasons)}" if reasons else ""))
 
 
@@ -140,11 +153,7 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    try:
-        return run_module(args.target, list(args.args), compile=not args.no_compile)
-    finally:  # also when the command raises: say what fusion did before its traceback
-        if not args.quiet:
-            print(summary_line(), file=sys.stderr)
+    return run_module(args.target, list(args.args), compile=not args.no_compile, summary=not args.quiet)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
