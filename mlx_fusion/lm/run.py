@@ -22,6 +22,7 @@ import load``); modules imported later pick up the patched functions from mlx_lm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import runpy
@@ -145,6 +146,8 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
                     "Exits with the command's exit code.")
     p.add_argument("--no-compile", action="store_true",
                    help="fuse(model, compile=False): replay the fused graph eagerly")
+    p.add_argument("--min-size", type=int, metavar="N",
+                   help="fuse outputs of at least N elements (default: the config's, 4096)")
     p.add_argument("--quiet", action="store_true", help="do not print the fusion summary line (stderr) at the end")
     p.add_argument("target", metavar="MODULE", help="a module run as with python -m (mlx_lm.generate), or a .py file")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="passed to MODULE unchanged")
@@ -153,7 +156,14 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    return run_module(args.target, list(args.args), compile=not args.no_compile, summary=not args.quiet)
+    config = None
+    if args.min_size is not None:
+        from ..config import get_config
+
+        if args.min_size < 0:
+            raise SystemExit(f"mlx-fusion run: --min-size must be >= 0, not {args.min_size}")
+        config = dataclasses.replace(get_config(), min_tensor_size=args.min_size)
+    return run_module(args.target, list(args.args), config, compile=not args.no_compile, summary=not args.quiet)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
