@@ -88,7 +88,7 @@ def test_local_model_directory_loads_with_mlx_lm(tmp_path):
 @pytest.fixture(scope="module")
 def rows():
     model, (tokens,) = build("mlx-lm:llama:hidden_size=32,intermediate_size=64,vocab_size=40,batch=2,seq=8")
-    return bench_lm(model, tokens, new_tokens=4, prompt_len=6, repeats=1, warmup=0, min_time_s=0)
+    return bench_lm(model, tokens, new_tokens=4, prompt_len=6, repeats=1, warmup=0, min_time_s=0, calls_per_eval=2)
 
 
 def test_bench_rows_have_the_bench_model_shape(rows):
@@ -137,6 +137,14 @@ def test_a_failing_variant_is_a_row_not_a_crash(monkeypatch):
     assert all(math.isnan(r["time_ms"]) and r["note"] == "failed: RuntimeError: boom" for r in rows)
     with pytest.raises(ValueError, match="unknown pass"):
         bench_lm(model, tokens, passes=("backward",))
+
+
+def test_bench_takes_the_cli_timing_settings():
+    from mlx_fusion.benchmark import default_timing
+
+    model, (tokens,) = build("mlx-lm:qwen2:hidden_size=32,intermediate_size=64,batch=1,seq=4")
+    rows = bench_lm(model, tokens, passes=("prefill",), **{**default_timing(quick=True), "min_time_s": 0})
+    assert len(rows) == 4 and all(r["time_ms"] > 0 for r in rows)
 
 
 def test_inspect_accepts_an_mlx_lm_spec(capsys, monkeypatch):

@@ -119,11 +119,12 @@ def _peak(run: Callable[[], object]):
     return peak, max(0, peak - before)
 
 
-def _timed(fn: Callable, *args) -> Callable[[], float]:
+def _timed(fn: Callable, *args, calls: int = 1) -> Callable[[], float]:
+    """run() -> seconds per call, `calls` calls per evaluation (a GPU needs several to hide the sync)."""
     def run():
         t0 = time.perf_counter()
-        mx.eval(fn(*args))
-        return time.perf_counter() - t0
+        mx.eval([fn(*args) for _ in range(calls)])
+        return (time.perf_counter() - t0) / calls
     return run
 
 
@@ -146,7 +147,7 @@ def _fusions(fn) -> Optional[int]:
 
 
 def bench_lm(model: nn.Module, tokens: mx.array, passes=PASSES, new_tokens: int = 16, prompt_len: int = 32,
-             repeats: int = 5, warmup: int = 1, min_time_s: float = 0.5,
+             repeats: int = 5, warmup: int = 1, min_time_s: float = 0.5, calls_per_eval: int = 1,
              progress: Optional[Callable[[str], None]] = None) -> List[dict]:
     """Prefill, decode and training step of an mlx-lm model for each of `VARIANTS`.
 
@@ -156,8 +157,10 @@ def bench_lm(model: nn.Module, tokens: mx.array, passes=PASSES, new_tokens: int 
           its first row's first `prompt_len` tokens are the decode prompt.
         passes: a subset of ``("prefill", "decode", "train")``.
         new_tokens (int): tokens to decode per measurement.
-        repeats, warmup, min_time_s: measurements per row (median), unmeasured runs before,
-          and a time budget after which at least three measurements are enough.
+        repeats, warmup, min_time_s, calls_per_eval: measurements per row (median),
+          unmeasured runs before, a time budget after which three measurements are enough, and
+          prefill calls / training steps per evaluation (decode evaluates every token). The
+          keywords of `mlx_fusion.benchmark.default_timing`, so ``**default_timing()`` fits.
 
     Returns:
         list[dict]: one row per (pass, variant); see the module docstring. A variant that
@@ -169,6 +172,7 @@ def bench_lm(model: nn.Module, tokens: mx.array, passes=PASSES, new_tokens: int 
     if unknown:
         raise ValueError(f"unknown pass(es) {', '.join(sorted(unknown))}; choose from {', '.join(PASSES)}")
     timing = dict(repeats=repeats, warmup=warmup, min_time_s=min_time_s)
+    calls = max(1, calls_per_eval)
     model.eval()
     weights = model.parameters()  # arrays are immutable: this snapshot survives training steps
     results = []
@@ -182,7 +186,7 @@ def bench_lm(model: nn.Module, tokens: mx.array, passes=PASSES, new_tokens: int 
                 warnings.simplefilter("always")
                 try:
                     row, reference = _measure(pass_, variant, model, tokens, reference, new_tokens, prompt_len,
-                                              timing, fuse)
+                                              timing, calls, fuse)
                 except Exception as e:  # a failing variant is a result, not a crash
                     first_line = (str(e).strip().splitlines() or [""])[0]
                     row = _row(pass_, variant, note=f"failed: {type(e).__name__}: {first_line}")
@@ -196,12 +200,11 @@ def bench_lm(model: nn.Module, tokens: mx.array, passes=PASSES, new_tokens: int 
     return results
 
 
-def _measure(pass_, variant, model, tokens, reference, new_tokens, prompt_len, timing, fuse):
+def _measure(pass_, variant, model, tokens, reference, new_tokens, prompt_len, timing, calls, fuse):
     if pass_ == "prefill":
         fn = prefill_variants(model)[variant] if variant != "eager" else model
-        run = _timed(fn, tokens)
-        t = _median_seconds(run, **timing)
-        peak, extra = _peak(run)
+        t = _median_seconds(_timed(fn, tokens, calls=calls), **timing)
+        peak, extra = _peak(_timed(fn, tokens))
         out = fn(tokens)
         reference = out if reference is None else reference
         return _row(pass_, variant, time_ms=t * 1e3, tokens_per_s=tokens.size / t, peak_memory_bytes=peak,
@@ -228,9 +231,8 @@ def _measure(pass_, variant, model, tokens, reference, new_tokens, prompt_len, t
     first = step(x, y)
     mx.eval(first)
     reference = first if reference is None else reference
-    run = _timed(step, x, y)
-    t = _median_seconds(run, **timing)
-    peak, extra = _peak(run)
+    t = _median_seconds(_timed(step, x, y, calls=calls), **timing)
+    peak, extra = _peak(_timed(step, x, y))
     return _row(pass_, variant, time_ms=t * 1e3, tokens_per_s=x.size / t, peak_memory_bytes=peak,
                 activation_memory_bytes=extra, max_abs_diff=abs(first.item() - reference.item()),
                 fusions=_fusions(target) if target is not model else None), reference
