@@ -135,6 +135,7 @@ def test_run_generate_plumbing_with_fusion_disabled(model_dir, capsys, monkeypat
     assert run_module("mlx_lm.generate", argv, config=mlx_fusion.FusionConfig(enabled=False), summary=True) == 0
     out, err = capsys.readouterr()
     assert _generated_text(out) == want
+    assert "deprecated" not in out  # run as the mlx_lm.generate command, not python -m mlx_lm.generate
     assert "mlx-fusion: 1 fused model(s), 0 trace(s)" in err
 
 
@@ -179,11 +180,14 @@ def test_run_parser_passes_arguments_through():
         "mlx_lm.lora", ["--model", "m", "--train", "-h"], True, 0, False)
 
 
-def test_run_a_script_that_loads_with_mlx_lm(model_dir, tmp_path, capsys):
+def test_run_a_script_or_module_that_loads_with_mlx_lm(model_dir, tmp_path, capsys, monkeypatch):
     script = tmp_path / "user_script.py"
     script.write_text("import sys\nfrom mlx_lm import load\nmodel, _ = load(sys.argv[1])\n"
                       "print('fused' if type(model).__name__.startswith('Fused') else 'plain')\n")
     assert run_module(str(script), [model_dir]) == 0
+    assert capsys.readouterr().out.strip() == "fused"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert run_module("user_script", [model_dir]) == 0  # python -m user_script
     assert capsys.readouterr().out.strip() == "fused"
 
 

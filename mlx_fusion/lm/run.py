@@ -3,7 +3,7 @@ Hugging Face models).
 
     mlx-fusion run mlx_lm.generate --model DIR --prompt "hi" --max-tokens 5
     mlx-fusion run mlx_lm.lora --model DIR --train --data DATA --iters 10
-    mlx-fusion run --no-compile mlx_lm generate --model DIR     # python -m mlx_lm generate ...
+    mlx-fusion run --no-compile mlx_lm generate --model DIR     # the `mlx_lm generate` command
     mlx-fusion run my_script.py --my-flag                       # a script that calls mlx_lm.load
 
 or, in your own code, one line before loading:
@@ -93,9 +93,20 @@ def is_patched() -> bool:
     return bool(_originals)
 
 
+def _console_script(name: str):
+    """The installed console script called `name` (``mlx_lm.generate``, ``mlx_lm``), if any."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="console_scripts", name=name)
+    return next(iter(found), None)
+
+
 def run_module(target: str, argv: List[str], config=None, compile: bool = True, summary: bool = False) -> int:
-    """Run `target` (a module such as ``mlx_lm.generate``, or a ``.py`` file) as ``__main__``
-    with ``sys.argv = [target, *argv]`` and mlx-lm patched; returns its exit code.
+    """Run `target` with ``sys.argv = [target, *argv]`` and mlx-lm patched; returns its exit code.
+
+    `target` is a ``.py`` file (run as ``__main__``), an installed console script
+    (``mlx_lm.generate``, ``mlx_lm.lora``, ``mlx_lm``: its function is called, as typing the
+    command does), or else a module run as ``python -m target`` would.
 
     With `summary`, print `summary_line` to stderr at the end (also when the command raises)."""
     from ..fuse import fuse
@@ -109,13 +120,17 @@ def run_module(target: str, argv: List[str], config=None, compile: bool = True, 
     _patch(fuse_and_keep)
     try:
         sys.argv = [target, *argv]
-        with warnings.catch_warnings():
-            # patch_mlx_lm imported mlx_lm (whose __init__ imports mlx_lm.generate): harmless here
-            warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
-                                    category=RuntimeWarning)
-            if target.endswith(".py") or os.path.isfile(target):
-                runpy.run_path(target, run_name="__main__")
-            else:
+        script = _console_script(target)
+        if target.endswith(".py") or os.path.isfile(target):
+            runpy.run_path(target, run_name="__main__")
+        elif script is not None:  # what typing `mlx_lm.generate ...` runs
+            code = script.load()()
+            return code if isinstance(code, int) else 0
+        else:
+            with warnings.catch_warnings():
+                # _patch imported mlx_lm (whose __init__ imports mlx_lm.generate): harmless here
+                warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
+                                        category=RuntimeWarning)
                 runpy.run_module(target, run_name="__main__", alter_sys=True)
     except SystemExit as e:  # argparse, sys.exit(): the command's own exit code
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -141,16 +156,18 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``mlx-fusion run`` to an argparse subparsers object (called by mlx_fusion/cli.py)."""
     p = subparsers.add_parser(
         "run", help="run an mlx-lm command (or a script) with every model it loads fused",
-        description="Run MODULE (e.g. mlx_lm.generate, mlx_lm.lora) or a .py file as __main__ with ARGS, "
+        description="Run COMMAND (e.g. mlx_lm.generate, mlx_lm.lora, or any module or .py file) with ARGS, "
                     "with mlx_lm's load/load_model patched to return mlx_fusion.fuse(model). "
-                    "Exits with the command's exit code.")
+                    "Exits with the command's exit code; prints one summary line to stderr.")
     p.add_argument("--no-compile", action="store_true",
                    help="fuse(model, compile=False): replay the fused graph eagerly")
     p.add_argument("--min-size", type=int, metavar="N",
                    help="fuse outputs of at least N elements (default: the config's, 4096)")
     p.add_argument("--quiet", action="store_true", help="do not print the fusion summary line (stderr) at the end")
-    p.add_argument("target", metavar="MODULE", help="a module run as with python -m (mlx_lm.generate), or a .py file")
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="passed to MODULE unchanged")
+    p.add_argument("target", metavar="COMMAND",
+                   help="an installed command (mlx_lm.generate, mlx_lm.lora, mlx_lm), a module run as with "
+                        "python -m, or a .py file")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="passed to COMMAND unchanged")
     p.set_defaults(func=cmd_run)
     return p
 

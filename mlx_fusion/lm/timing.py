@@ -212,7 +212,7 @@ def _measure(pass_, variant, model, tokens, reference, new_tokens, prompt_len, t
                     fusions=_fusions(fn)), reference
     if pass_ == "decode":
         if variant == "mx.compile":
-            return _row(pass_, variant, note="not applicable: mx.compile cannot take mlx-lm's KV cache "
+            return _row(pass_, variant, note="not applicable: mx.compile cannot take the KV cache "
                         "(mlx-lm decodes eagerly)"), reference
         fn = {"eager": model, "fused": fuse(model, compile=False), "fused+compile": fuse(model)}[variant]
         prompt = tokens[0, :prompt_len]
@@ -248,11 +248,13 @@ def _speedups(rows: List[dict]) -> None:
 def print_rows(rows: List[dict], title: str = "", console=None) -> None:
     """A rich table of `bench_lm` rows (the columns of ``mlx-fusion bench --model`` plus
     tokens/s)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text  # not markup: SPECs and error messages hold ':name:' and '[...]'
 
     console = console or Console(highlight=False, width=200)
-    table = Table(title=title or None)
+    table = Table(title=Text(title) if title else None, box=box.SIMPLE_HEAD)
     for col in ("pass", "variant", "time (ms)", "tokens/s", "vs eager", "vs mx.compile", "peak MiB",
                 "over resident MiB", "fusions", "max |diff|", "note"):
         table.add_column(col, justify="left" if col in ("pass", "variant", "note") else "right")
@@ -265,5 +267,5 @@ def print_rows(rows: List[dict], title: str = "", console=None) -> None:
         table.add_row(r["pass"], r["variant"], num(r["time_ms"], ".3f"), num(r["tokens_per_s"], ",.0f"),
                       num(r["speedup_vs_eager"], ".2f"), num(r["speedup_vs_compiled"], ".2f"),
                       num(r["peak_memory_bytes"] / 2**20, ".1f"), num(r["activation_memory_bytes"] / 2**20, ".1f"),
-                      num(r["fusions"], "d"), num(r["max_abs_diff"], ".2e"), note)
+                      num(r["fusions"], "d"), num(r["max_abs_diff"], ".2e"), Text(note))
     console.print(table)
