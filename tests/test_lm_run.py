@@ -136,7 +136,7 @@ def test_run_generate_plumbing_with_fusion_disabled(model_dir, capsys, monkeypat
     out, err = capsys.readouterr()
     assert _generated_text(out) == want
     assert "deprecated" not in out  # run as the mlx_lm.generate command, not python -m mlx_lm.generate
-    assert "mlx-fusion: 1 fused model(s), 0 trace(s)" in err
+    assert "mlx-fusion: 1 model(s) loaded fused" in err
 
 
 def test_run_mlx_lm_lora_trains_the_same_adapters(model_dir, tmp_path, monkeypatch, capsys):
@@ -154,7 +154,7 @@ def test_run_mlx_lm_lora_trains_the_same_adapters(model_dir, tmp_path, monkeypat
     mlx_fusion.reset_stats()
     assert run_module("mlx_lm", common + ["--adapter-path", str(tmp_path / "fused")], summary=True) == 0
     err = capsys.readouterr().err
-    assert "mlx-fusion: 1 fused model(s)" in err, err
+    assert "mlx-fusion: 1 model(s) loaded fused" in err, err
     want = mx.load(str(tmp_path / "plain" / "adapters.safetensors"))
     got = mx.load(str(tmp_path / "fused" / "adapters.safetensors"))
     assert set(got) == set(want) and want
@@ -200,6 +200,6 @@ def test_command_line_subprocess(model_dir):
                            env=env, timeout=300)
     assert plain.returncode == 0, plain.stderr
     fused = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert "mlx-fusion: 1 fused model(s)" in fused.stderr  # the summary line, even when the command fails
+    assert "mlx-fusion: 1 model(s) loaded fused" in fused.stderr  # the summary line, even when the command fails
     assert fused.returncode == 0, fused.stderr[-2000:]
     assert _generated_text(fused.stdout) == _generated_text(plain.stdout)

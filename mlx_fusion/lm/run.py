@@ -143,12 +143,14 @@ def run_module(target: str, argv: List[str], config=None, compile: bool = True, 
 
 
 def summary_line(models) -> str:
-    """One line on what fusion did for `models` (fused modules): traces, fusions, fallbacks."""
-    states = list({id(m): m._fusion for m in models}.values())
-    traces = sum(len(st.graphs) for st in states)
-    applied = sum(st.stats.applied_count for st in states)
-    reasons = sorted({r for st in states for r in st.fallbacks})
-    return (f"mlx-fusion: {len(states)} fused model(s), {traces} trace(s), {applied} fusion(s) applied"
+    """One line: how many `models` were loaded fused, and what fusion did in this process
+    (`mlx_fusion.stats`: every live fused object, the submodules a model fused itself too)."""
+    from ..fuse import stats
+
+    s = stats()
+    reasons = sorted({f["reason"] for f in s["fallbacks"]})
+    return (f"mlx-fusion: {len({id(m) for m in models})} model(s) loaded fused; {s['fused_objects']} fused "
+            f"object(s), {s['traces']} trace(s), {s['applied_count']} fusion(s) applied"
             + (f"; ran unfused: {'; '.join(reasons)}" if reasons else ""))
 
 
