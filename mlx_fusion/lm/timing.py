@@ -94,17 +94,10 @@ def train_step(model: nn.Module, compiled: bool, learning_rate: float = 1e-4) ->
     return step
 
 
-def _median_seconds(run: Callable[[], float], repeats: int, warmup: int, min_time_s: float) -> float:
-    """Median of `run()` (which returns its own seconds, after evaluating)."""
-    for _ in range(warmup):
-        run()
-    times, start = [], time.perf_counter()
-    for _ in range(repeats):
-        times.append(run())
-        if min_time_s and time.perf_counter() - start > min_time_s and len(times) >= 3:
-            break
-    times.sort()
-    return times[len(times) // 2]
+def _resident() -> int:
+    mx.synchronize()
+    mx.clear_cache()
+    return mx.get_active_memory()
 
 
 def _peak(run: Callable[[], object]):
@@ -157,10 +150,11 @@ def bench_lm(model: nn.Module, tokens: mx.array, passes=PASSES, new_tokens: int 
           its first row's first `prompt_len` tokens are the decode prompt.
         passes: a subset of ``("prefill", "decode", "train")``.
         new_tokens (int): tokens to decode per measurement.
-        repeats, warmup, min_time_s, calls_per_eval: measurements per row (median),
-          unmeasured runs before, a time budget after which three measurements are enough, and
-          prefill calls / training steps per evaluation (decode evaluates every token). The
-          keywords of `mlx_fusion.benchmark.default_timing`, so ``**default_timing()`` fits.
+        repeats, warmup, min_time_s, calls_per_eval: measurements per row (median; the
+          variants of a pass are measured in turn, round after round), unmeasured runs
+          before, a time budget per variant after which three rounds are enough, and prefill
+          calls / training steps per evaluation (decode evaluates every token). The keywords
+          of `mlx_fusion.benchmark.default_timing`, so ``**default_timing()`` fits.
 
     Returns:
         list[dict]: one row per (pass, variant); see the module docstring. A variant that
@@ -171,71 +165,125 @@ def bench_lm(model: nn.Module, tokens: mx.array, passes=PASSES, new_tokens: int 
     unknown = set(passes) - set(PASSES)
     if unknown:
         raise ValueError(f"unknown pass(es) {', '.join(sorted(unknown))}; choose from {', '.join(PASSES)}")
-    timing = dict(repeats=repeats, warmup=warmup, min_time_s=min_time_s)
-    calls = max(1, calls_per_eval)
     model.eval()
     weights = model.parameters()  # arrays are immutable: this snapshot survives training steps
+    setup = {"prefill": _setup_prefill, "decode": _setup_decode, "train": _setup_train}
     results = []
     for pass_ in passes:
-        rows, reference = [], None
-        for variant in VARIANTS:
+        variants, reference = [], None
+        base = _resident()
+        for name in VARIANTS:
             if progress:
-                progress(f"{pass_} {variant}")
+                progress(f"{pass_} {name}")
             model.update(weights)  # every variant starts from the same weights
-            with warnings.catch_warnings(record=True) as caught:
+            v = _Variant(pass_, name)
+            others = _resident() - base  # what the variants before this one keep (optimizer state, ...)
+            with warnings.catch_warnings(record=True) as caught:  # fallbacks warn on the first call
                 warnings.simplefilter("always")
-                try:
-                    row, reference = _measure(pass_, variant, model, tokens, reference, new_tokens, prompt_len,
-                                              timing, calls, fuse)
-                except Exception as e:  # a failing variant is a result, not a crash
-                    first_line = (str(e).strip().splitlines() or [""])[0]
-                    row = _row(pass_, variant, note=f"failed: {type(e).__name__}: {first_line}")
-            notes = sorted({str(w.message) for w in caught if "mlx_fusion" in str(w.message)})
-            if notes:
-                row["note"] = "; ".join(filter(None, [row["note"], *notes]))
-            rows.append(row)
+                v.guard(lambda: setup[pass_](v, model, tokens, reference, fuse, max(1, calls_per_eval),
+                                             new_tokens, prompt_len))
+                for _ in range(warmup):
+                    v.guard(v.run)
+                v.guard(lambda: v.measure_peak(others))
+            v.add_notes(sorted({str(w.message) for w in caught if "mlx_fusion" in str(w.message)}))
+            if reference is None and v.run is not None:
+                reference = v.reference
+            variants.append(v)
+        _time_in_rounds(variants, repeats, min_time_s)
+        rows = [v.finish() for v in variants]
         _speedups(rows)
         results += rows
     model.update(weights)
     return results
 
 
-def _measure(pass_, variant, model, tokens, reference, new_tokens, prompt_len, timing, calls, fuse):
-    if pass_ == "prefill":
-        fn = prefill_variants(model)[variant] if variant != "eager" else model
-        t = _median_seconds(_timed(fn, tokens, calls=calls), **timing)
-        peak, extra = _peak(_timed(fn, tokens))
-        out = fn(tokens)
-        reference = out if reference is None else reference
-        return _row(pass_, variant, time_ms=t * 1e3, tokens_per_s=tokens.size / t, peak_memory_bytes=peak,
-                    activation_memory_bytes=extra, max_abs_diff=_max_diff([out], [reference]),
-                    fusions=_fusions(fn)), reference
-    if pass_ == "decode":
-        if variant == "mx.compile":
-            return _row(pass_, variant, note="not applicable: mx.compile cannot take the KV cache "
-                        "(mlx-lm decodes eagerly)"), reference
-        fn = {"eager": model, "fused": fuse(model, compile=False), "fused+compile": fuse(model)}[variant]
-        prompt = tokens[0, :prompt_len]
-        t = _median_seconds(lambda: greedy_decode(fn, model, prompt, new_tokens)[2], **timing)
-        peak, extra = _peak(lambda: greedy_decode(fn, model, prompt, new_tokens))
-        toks, logits, _ = greedy_decode(fn, model, prompt, new_tokens)
-        reference = (toks, logits) if reference is None else reference
-        per_token = t / max(1, new_tokens - 1)
-        return _row(pass_, variant, time_ms=per_token * 1e3, tokens_per_s=1 / per_token, peak_memory_bytes=peak,
-                    activation_memory_bytes=extra, max_abs_diff=_max_diff(logits, reference[1]),
-                    tokens_match=toks == reference[0], fusions=_fusions(fn)), reference
-    # train: each measurement is one step from wherever the previous left the weights
-    target = model if variant in ("eager", "mx.compile") else fuse(model, compile=variant == "fused+compile")
-    step = train_step(target, compiled=variant in ("mx.compile", "fused+compile"))
+class _Variant:
+    """One variant of one pass: set up and checked against the reference, then timed in rounds
+    with the others (a shared machine's load then falls on all variants alike)."""
+
+    def __init__(self, pass_: str, name: str):
+        self.row = _row(pass_, name)
+        self.run: Optional[Callable[[], float]] = None  # one measurement: seconds per `unit`
+        self.peak_run: Optional[Callable] = None
+        self.unit_tokens, self.reference, self.times = 1, None, []
+
+    def guard(self, fn) -> None:
+        """Call fn; an exception makes this variant a row of NaN with the error as its note."""
+        if self.row["note"].startswith(("failed", "not applicable")):
+            return
+        try:
+            fn()
+        except Exception as e:  # a failing variant is a result, not a crash
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            self.row["note"] = f"failed: {type(e).__name__}: {first_line}"
+            self.run = None
+
+    def measure_peak(self, others: int) -> None:
+        """Peak memory of one run, less what `others` (the variants set up before) hold:
+        as if this variant ran alone."""
+        if self.peak_run is not None:
+            peak, extra = _peak(self.peak_run)
+            self.row.update(peak_memory_bytes=max(0, peak - others), activation_memory_bytes=extra)
+
+    def add_notes(self, notes) -> None:
+        self.row["note"] = "; ".join(filter(None, [self.row["note"], *notes]))
+
+    def finish(self) -> dict:
+        if self.run is None or not self.times:
+            return self.row
+        t = sorted(self.times)[len(self.times) // 2]
+        self.row.update(time_ms=t * 1e3, tokens_per_s=self.unit_tokens / t)
+        return self.row
+
+
+def _time_in_rounds(variants: List[_Variant], repeats: int, min_time_s: float) -> None:
+    start = time.perf_counter()
+    for r in range(repeats):
+        for v in variants:
+            if v.run is not None:
+                v.guard(lambda: v.times.append(v.run()))
+        live = sum(v.run is not None for v in variants)
+        if min_time_s and r >= 2 and time.perf_counter() - start > min_time_s * live:
+            break
+
+
+def _setup_prefill(v, model, tokens, reference, fuse, calls, new_tokens, prompt_len):
+    fn = prefill_variants(model)[v.row["variant"]]
+    out = fn(tokens)
+    mx.eval(out)
+    v.reference = out
+    v.row.update(max_abs_diff=_max_diff([out], [reference if reference is not None else out]),
+                 fusions=_fusions(fn))
+    v.run, v.peak_run, v.unit_tokens = _timed(fn, tokens, calls=calls), _timed(fn, tokens), tokens.size
+
+
+def _setup_decode(v, model, tokens, reference, fuse, calls, new_tokens, prompt_len):
+    name = v.row["variant"]
+    if name == "mx.compile":
+        v.row["note"] = "not applicable: mx.compile cannot take the KV cache (mlx-lm decodes eagerly)"
+        return
+    fn = {"eager": model, "fused": fuse(model, compile=False), "fused+compile": fuse(model)}[name]
+    prompt = tokens[0, :prompt_len]
+    toks, logits, _ = greedy_decode(fn, model, prompt, new_tokens)
+    v.reference = (toks, logits)
+    want = reference if reference is not None else v.reference
+    v.row.update(max_abs_diff=_max_diff(logits, want[1]), tokens_match=toks == want[0], fusions=_fusions(fn))
+    steps = max(1, new_tokens - 1)  # timed: the decode steps after the prompt, per token
+    v.run = lambda: greedy_decode(fn, model, prompt, new_tokens)[2] / steps
+    v.peak_run = lambda: greedy_decode(fn, model, prompt, new_tokens)
+
+
+def _setup_train(v, model, tokens, reference, fuse, calls, new_tokens, prompt_len):
+    name = v.row["variant"]
+    target = model if name in ("eager", "mx.compile") else fuse(model, compile=name == "fused+compile")
+    step = train_step(target, compiled=name in ("mx.compile", "fused+compile"))
     x, y = tokens[:, :-1], tokens[:, 1:]
-    first = step(x, y)
+    first = step(x, y)  # from the common starting weights; later steps go on from wherever they are
     mx.eval(first)
-    reference = first if reference is None else reference
-    t = _median_seconds(_timed(step, x, y, calls=calls), **timing)
-    peak, extra = _peak(_timed(step, x, y))
-    return _row(pass_, variant, time_ms=t * 1e3, tokens_per_s=x.size / t, peak_memory_bytes=peak,
-                activation_memory_bytes=extra, max_abs_diff=abs(first.item() - reference.item()),
-                fusions=_fusions(target) if target is not model else None), reference
+    v.reference = first
+    v.row.update(max_abs_diff=abs(first.item() - (reference if reference is not None else first).item()),
+                 fusions=_fusions(target) if target is not model else None)
+    v.run, v.peak_run, v.unit_tokens = _timed(step, x, y, calls=calls), _timed(step, x, y), x.size
 
 
 def _speedups(rows: List[dict]) -> None:
