@@ -187,7 +187,7 @@ def cmd_run(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m mlx_fusion.lm MODULE ARGS...`` (what ``mlx-fusion run`` does)."""
-    ap = argparse.ArgumentParser(prog="mlx-fusion run")
+    ap = argparse.ArgumentParser(prog="mlx-fusion")
     sub = ap.add_subparsers(dest="command")
     add_run_parser(sub)
     args = ap.parse_args(["run", *(sys.argv[1:] if argv is None else argv)])

@@ -301,7 +301,7 @@ def print_rows(rows: List[dict], title: str = "", console=None) -> None:
     from rich.table import Table
     from rich.text import Text  # not markup: SPECs and error messages hold ':name:' and '[...]'
 
-    console = console or Console(highlight=False, width=200)
+    console = console or Console(highlight=False)
     table = Table(title=Text(title) if title else None, box=box.SIMPLE_HEAD)
     for col in ("pass", "variant", "time (ms)", "tokens/s", "vs eager", "vs mx.compile", "peak MiB",
                 "over resident MiB", "fusions", "max |diff|", "note"):
@@ -316,4 +316,8 @@ def print_rows(rows: List[dict], title: str = "", console=None) -> None:
                       num(r["speedup_vs_eager"], ".2f"), num(r["speedup_vs_compiled"], ".2f"),
                       num(r["peak_memory_bytes"] / 2**20, ".1f"), num(r["activation_memory_bytes"] / 2**20, ".1f"),
                       num(r["fusions"], "d"), num(r["max_abs_diff"], ".2e"), Text(note))
+    from rich.measure import Measurement
+
+    need = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
+    console.width = max(console.width, need)  # wrap no cell: rows stay one line each
     console.print(table)
