@@ -112,6 +112,9 @@ def model_config(arch: str, **overrides) -> dict:
     config.update(overrides)
     if "head_dim" in config and "head_dim" not in overrides:  # follow a changed width or head count
         config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if "num_key_value_heads" not in overrides and heads and kv and heads % kv:
+        config["num_key_value_heads"] = heads  # the default 2 does not divide a head count given: no GQA
     missing = [n for n, f in fields.items() if n not in config and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -30,25 +30,25 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-__all__ = ["bench_lm", "prefill_variants", "greedy_decode", "train_step", "print_rows", "VARIANTS", "PASSES"]
+__all__ = ["bench_lm", "prefill_variant", "greedy_decode", "train_step", "print_rows", "VARIANTS", "PASSES"]
 
 VARIANTS = ("eager", "mx.compile", "fused", "fused+compile")
 PASSES = ("prefill", "decode", "train")
 NAN = float("nan")
 
 
-def prefill_variants(model: nn.Module) -> Dict[str, Callable]:
-    """The four forward variants, as `mlx_fusion.models.model_variants` makes them."""
+def prefill_variant(model: nn.Module, name: str) -> Callable:
+    """One of the four forward variants, as `mlx_fusion.models.model_variants` makes them."""
     from ..fuse import fuse
 
-    return {"eager": model, "mx.compile": mx.compile(model, inputs=model.state),
-            "fused": fuse(model, compile=False), "fused+compile": fuse(model)}
+    return {"eager": lambda: model, "mx.compile": lambda: mx.compile(model, inputs=model.state),
+            "fused": lambda: fuse(model, compile=False), "fused+compile": lambda: fuse(model)}[name]()
 
 
 def greedy_decode(fn: Callable, model: nn.Module, prompt: mx.array, new_tokens: int):
@@ -248,7 +248,7 @@ def _time_in_rounds(variants: List[_Variant], repeats: int, min_time_s: float) -
 
 
 def _setup_prefill(v, model, tokens, reference, fuse, calls, new_tokens, prompt_len):
-    fn = prefill_variants(model)[v.row["variant"]]
+    fn = prefill_variant(model, v.row["variant"])
     out = fn(tokens)
     mx.eval(out)
     v.reference = out
