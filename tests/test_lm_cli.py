@@ -2,12 +2,15 @@
 
 import json
 import math
+import warnings
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 pytest.importorskip("mlx_lm")
+
+import mlx_fusion  # noqa: E402
 
 from mlx_fusion.lm import bench_lm, build, is_lm_spec, model_config, tiny_model  # noqa: E402
 from mlx_fusion.lm.spec import parse  # noqa: E402
@@ -17,8 +20,9 @@ BENCH_MODEL_KEYS = {"pass", "variant", "time_ms", "speedup_vs_eager", "speedup_v
                     "activation_memory_bytes", "max_abs_diff", "fusions"}  # models.bench_model's rows
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "mistral", "qwen3", "phi3", "mixtral"])
-def test_default_spec_builds_a_small_model(arch):
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3",
+                                  "starcoder2", "gpt2", "gpt_neox", "olmo2", "mixtral", "qwen2_moe"])
+def test_default_spec_builds_a_small_model_that_fuses(arch):
     model, (tokens,) = build(f"mlx-lm:{arch}")
     assert type(model).__module__.startswith("mlx_lm.models.")
     assert tokens.shape == (2, 32) and tokens.dtype == mx.int32
@@ -26,6 +30,10 @@ def test_default_spec_builds_a_small_model(arch):
     logits = model(tokens)
     assert logits.shape == (2, 32, 96)
     assert not model.training
+    with warnings.catch_warnings():  # a fallback (e.g. an unsupported primitive) is allowed: it is never wrong
+        warnings.simplefilter("ignore", mlx_fusion.FusionFallbackWarning)
+        fused = mlx_fusion.fuse(model, mlx_fusion.FusionConfig(min_tensor_size=1))(tokens)
+    np.testing.assert_allclose(np.array(fused), np.array(logits), atol=1e-4)
 
 
 def test_options_reach_model_args_and_inputs():

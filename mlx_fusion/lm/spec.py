@@ -45,11 +45,9 @@ _COMMON = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_a
                # mixture of experts (mixtral, qwen2_moe, ...)
                num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                shared_expert_intermediate_size=64)
-# Per architecture: what differs from _COMMON (names some architectures use instead).
+# Per architecture: what differs from _COMMON, and names some architectures use instead.
 _ARCH_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "llama": dict(tie_word_embeddings=False),
-    "qwen2": dict(tie_word_embeddings=True),
-    "gemma": dict(),
+    "qwen2": dict(tie_word_embeddings=True),  # as Qwen2's small checkpoints
     "gpt2": dict(n_ctx=512, n_embd=64, n_head=4, n_layer=2, n_positions=512),
     "gpt_neox": dict(rotary_emb_base=10000, rotary_pct=0.25),
     "phi": dict(partial_rotary_factor=0.5),
@@ -96,8 +94,12 @@ def _value(text: str):
 
 
 def model_config(arch: str, **overrides) -> dict:
-    """A config dict (as in config.json) for a small `arch`: every required `ModelArgs`
-    field filled from the defaults above, then `overrides`. ``model_type`` is `arch`."""
+    """A config dict (as in config.json) for a small `arch`: every `ModelArgs` field that
+    has a default above set to it, then `overrides`. ``model_type`` is `arch`.
+
+    Raises:
+        SpecError: an override is not a field, or a required field has no value.
+    """
     args_cls = _module_for(arch).ModelArgs
     fields = {f.name: f for f in dataclasses.fields(args_cls)}
     config = {"model_type": arch}
