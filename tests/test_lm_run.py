@@ -162,9 +162,15 @@ def test_run_mlx_lm_lora_trains_the_same_adapters(model_dir, tmp_path, monkeypat
         np.testing.assert_allclose(np.array(got[k]), np.array(want[k]), atol=1e-5, err_msg=k)
 
 
-def test_run_returns_the_commands_exit_code(capsys):
+def test_run_returns_the_commands_exit_code(capsys, tmp_path):
     assert run_module("mlx_lm.generate", ["--no-such-flag"]) == 2
     assert run_module("mlx_lm.generate", ["--help"]) == 0
+    script = tmp_path / "exits.py"
+    script.write_text("import sys\nsys.exit(sys.argv[1] if sys.argv[1] != '3' else 3)\n")
+    assert run_module(str(script), ["3"]) == 3
+    capsys.readouterr()
+    assert run_module(str(script), ["bad input"]) == 1
+    assert capsys.readouterr().err.strip() == "bad input"  # as Python prints sys.exit("...")
     assert not is_patched()
 
 
@@ -178,6 +184,9 @@ def test_run_parser_passes_arguments_through():
     args = ap.parse_args(["run", "--no-compile", "--min-size", "0", "mlx_lm.lora", "--model", "m", "--train", "-h"])
     assert (args.target, args.args, args.no_compile, args.min_size, args.quiet) == (
         "mlx_lm.lora", ["--model", "m", "--train", "-h"], True, 0, False)
+    with pytest.raises(SystemExit) as e:
+        ap.parse_args(["run", "--min-size", "-1", "mlx_lm.generate"])
+    assert e.value.code == 2
 
 
 def test_run_a_script_or_module_that_loads_with_mlx_lm(model_dir, tmp_path, capsys, monkeypatch):

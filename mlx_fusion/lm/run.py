@@ -133,7 +133,10 @@ def run_module(target: str, argv: List[str], config=None, compile: bool = True, 
                                         category=RuntimeWarning)
                 runpy.run_module(target, run_name="__main__", alter_sys=True)
     except SystemExit as e:  # argparse, sys.exit(): the command's own exit code
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # sys.exit("message"): what Python itself would do
+        return 1
     finally:
         sys.argv = saved_argv
         unpatch_mlx_lm()
@@ -163,7 +166,7 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
                     "Exits with the command's exit code; prints one summary line to stderr.")
     p.add_argument("--no-compile", action="store_true",
                    help="fuse(model, compile=False): replay the fused graph eagerly")
-    p.add_argument("--min-size", type=int, metavar="N",
+    p.add_argument("--min-size", type=_size, metavar="N",
                    help="fuse outputs of at least N elements (default: the config's, 4096)")
     p.add_argument("--quiet", action="store_true", help="do not print the fusion summary line (stderr) at the end")
     p.add_argument("target", metavar="COMMAND",
@@ -174,13 +177,21 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}")
+    return n
+
+
 def cmd_run(args) -> int:
     config = None
     if args.min_size is not None:
         from ..config import get_config
 
-        if args.min_size < 0:
-            raise SystemExit(f"mlx-fusion run: --min-size must be >= 0, not {args.min_size}")
         config = dataclasses.replace(get_config(), min_tensor_size=args.min_size)
     return run_module(args.target, list(args.args), config, compile=not args.no_compile, summary=not args.quiet)
 
