@@ -40,12 +40,8 @@ def _add_coreml_parser(sub) -> None:
 
 
 def _add_run_parser(sub) -> None:
-    try:  # `mlx-fusion run mlx_lm.generate ...`: the mlx-lm drop-in, where mlx_fusion.lm is present
-        from ..lm.run import add_run_parser
-    except ModuleNotFoundError as e:
-        if e.name not in ("mlx_fusion.lm", "mlx_fusion.lm.run"):
-            raise
-        return
+    from ..lm.run import add_run_parser  # `mlx-fusion run mlx_lm.generate ...`: the mlx-lm drop-in
+
     add_run_parser(sub)
 
 

@@ -100,11 +100,16 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
+def _mib(nbytes) -> str:
+    return f"{nbytes / 2**20:.1f}" if nbytes is not None and math.isfinite(nbytes) else "-"
+
+
 def _bench_model(args) -> int:
     from rich.table import Table
     from rich.text import Text
 
     from ..config import fusion_config
+    from ..lm import bench_lm, is_lm_spec
     from ..models import bench_model, load_spec, parameter_count
     from ..timing import default_timing
 
@@ -115,19 +120,25 @@ def _bench_model(args) -> int:
     overrides = {} if args.min_size is None else {"min_tensor_size": args.min_size}
     shapes = ", ".join(f"{dtype_name(a.dtype)}{list(a.shape)}" for a in inputs)
     out.print(f"device: {report['device']}   mlx {report['mlx_version']}   model {args.model}: "
-              f"{parameter_count(model):,} parameters, inputs {shapes}", markup=False)
+              f"{parameter_count(model):,} parameters, inputs {shapes}", markup=False, emoji=False)
+    lm = is_lm_spec(args.model)  # mlx-lm models: prefill, decode (KV cache) and a training step
     with progress(err) as bar, fusion_config(**overrides):
-        task = bar.add_task("starting", total=8)
-        results = bench_model(model, inputs, progress=lambda s: (bar.update(task, description=s), bar.advance(task)),
-                              **timing)
+        task = bar.add_task("starting", total=12 if lm else 8)
+        step = lambda s: (bar.update(task, description=s), bar.advance(task))  # noqa: E731
+        if lm:
+            results = bench_lm(model, inputs[0], progress=step, **timing)
+        else:
+            results = bench_model(model, inputs, progress=step, **timing)
     table = Table(title=Text(f"{args.model}: median time per call; peak memory of one call"))
-    for col in ("pass", "variant", "time (ms)", "vs eager", "vs mx.compile", "peak MiB", "over resident MiB",
-                "fusions", "max |diff|"):
+    columns = ["pass", "variant", "time (ms)"] + (["tokens/s"] if lm else []) + [
+        "vs eager", "vs mx.compile", "peak MiB", "over resident MiB", "fusions", "max |diff|"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("pass", "variant") else "right")
     for r in results:
-        table.add_row(r["pass"], r["variant"], f"{r['time_ms']:.3f}", speedup_text(r["speedup_vs_eager"]),
-                      speedup_text(r["speedup_vs_compiled"]), f"{r['peak_memory_bytes'] / 2**20:.1f}",
-                      f"{r['activation_memory_bytes'] / 2**20:.1f}",
+        tps = r.get("tokens_per_s")
+        rate = ([f"{tps:.1f}" if tps is not None and math.isfinite(tps) else "-"]) if lm else []
+        table.add_row(r["pass"], r["variant"], f"{r['time_ms']:.3f}" if math.isfinite(r["time_ms"]) else "-", *rate, speedup_text(r["speedup_vs_eager"]),
+                      speedup_text(r["speedup_vs_compiled"]), _mib(r["peak_memory_bytes"]), _mib(r["activation_memory_bytes"]),
                       "-" if r["fusions"] is None else str(r["fusions"]),
                       "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}")
     print_table(out, table)
