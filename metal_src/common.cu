@@ -357,7 +357,8 @@ __device__ __forceinline__ void fusion_affine_backward_kernel(
 // --- linear_activation: tensor-core tiles for small-M GEMMs -------------------
 // One m16n8k16 MMA (16-bit inputs, float32 accumulate) on 32-bit words holding
 // two elements each. Fragment layouts: PTX ISA, "Matrix Fragments for
-// mma.m16n8k16 with floating point type". Host builds (the CPU shim) never run it.
+// mma.m16n8k16 with floating point type". The CPU shim (tests/cuda_shim, which
+// defines FUSION_CUDA_HOST) runs the same instruction for a warp of fibers.
 template <typename T>
 struct FusionMma;
 
@@ -367,6 +368,8 @@ struct FusionMma;
                ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"               \
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                              \
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#elif defined(FUSION_CUDA_HOST)
+#define FUSION_MMA_ASM(PTX) fusion_host_mma_m16n8k16(PTX, c, a0, a1, a2, a3, b0, b1);
 #else
 #define FUSION_MMA_ASM(PTX)
 #endif

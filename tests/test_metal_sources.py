@@ -19,6 +19,7 @@ from mlx_fusion.ops import FUSED_OPS, binary_reference, fused_binary, fused_scal
 from tests.metal_shim import (  # noqa: F401  (metal_shim is a fixture)
     InputMeta,
     ShimCompileError,
+    ShimLaunchError,
     ShimMetalKernel,
     compile_sources,
     have_compiler,
@@ -373,19 +374,45 @@ def test_sizes_around_elements_per_thread(metal_shim, n):
 
 def test_shim_catches_out_of_bounds_writes():
     k = ShimMetalKernel("oob", ["a"], ["out"], "uint i = thread_position_in_grid.x; out[i + 1] = a[i];")
-    with pytest.raises(RuntimeError, match="wrote outside output `out`"):
+    with pytest.raises(ShimLaunchError, match="wrote outside output `out`"):
         k(inputs=[mx.zeros((8,))], output_shapes=[(8,)], output_dtypes=[mx.float32], grid=(8, 1, 1),
           threadgroup=(8, 1, 1))
 
 
-def test_threadgroup_kernels_compile_but_do_not_run():
+def test_threadgroup_memory_barriers_and_simd_functions_execute():
+    """Threadgroup memory is shared by a threadgroup's threads, a barrier orders its writes
+    before the reads, and simd_* functions combine the 32 lanes of a simdgroup."""
     body = """
-    threadgroup float buf[32];
-    buf[thread_index_in_threadgroup] = a[thread_position_in_grid.x];
+    threadgroup float buf[64];
+    const uint t = thread_index_in_threadgroup;
+    buf[t] = a[thread_position_in_grid.x];
     threadgroup_barrier(metal::mem_flags::mem_threadgroup);
-    out[thread_position_in_grid.x] = metal::simd_sum(buf[0]);
+    const float mirrored = buf[threads_per_threadgroup.x - 1 - t];
+    out[thread_position_in_grid.x] = mirrored + 1000.0f * metal::simd_sum(mirrored)
+        + 1e6f * metal::simd_shuffle_xor(float(t), 1);
     """
     k = ShimMetalKernel("tg", ["a"], ["out"], body)
-    with pytest.raises(NotImplementedError, match="sequential CPU shim"):
+    a = np.arange(128, dtype=np.float32)
+    out = np.array(k(inputs=[mx.array(a)], output_shapes=[(128,)], output_dtypes=[mx.float32], grid=(128, 1, 1),
+                     threadgroup=(64, 1, 1))[0])
+    want = np.empty(128, np.float32)
+    for g in range(2):
+        grp = a[64 * g:64 * g + 64][::-1]
+        for t in range(64):
+            simd = grp[32 * (t // 32):32 * (t // 32) + 32].sum()
+            want[64 * g + t] = grp[t] + 1000.0 * simd + 1e6 * (t ^ 1)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_divergent_barrier_is_reported():
+    """A barrier that part of a threadgroup never reaches hangs a GPU: the shim raises."""
+    body = """
+    if (thread_index_in_threadgroup < 16) {
+      threadgroup_barrier(metal::mem_flags::mem_threadgroup);
+    }
+    out[thread_position_in_grid.x] = a[thread_position_in_grid.x];
+    """
+    k = ShimMetalKernel("divergent", ["a"], ["out"], body)
+    with pytest.raises(ShimLaunchError, match="deadlock"):
         k(inputs=[mx.zeros((32,))], output_shapes=[(32,)], output_dtypes=[mx.float32], grid=(32, 1, 1),
           threadgroup=(32, 1, 1))

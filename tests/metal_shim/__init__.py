@@ -1,21 +1,18 @@
-"""Run the Metal kernel sources on the CPU (see shim.py and docs/metal-verification.md)."""
+"""Run the Metal kernel sources on the CPU (docs/metal-verification.md).
+
+render.py: the source MLX generates for a call; compile.py: g++ builds with a CPU entry per
+kernel (cached); execute.py: `ShimMetalKernel`, the stand-in for `mx.fast.metal_kernel`.
+"""
 
 import pytest
 
-from .shim import (
-    CXX,
-    InputMeta,
-    ShimCompileError,
-    ShimMetalKernel,
-    compile_sources,
-    have_compiler,
-    render,
-    render_metal_kernel,
-)
+from .compile import CXX, ShimCompileError, compile_sources, have_compiler, is_cooperative
+from .execute import ShimLaunchError, ShimMetalKernel
+from .render import InputMeta, render, render_metal_kernel
 
 __all__ = [
-    "CXX", "InputMeta", "ShimCompileError", "ShimMetalKernel", "compile_sources", "have_compiler",
-    "render", "render_metal_kernel", "SweepShimMetalKernel", "metal_shim",
+    "CXX", "InputMeta", "ShimCompileError", "ShimLaunchError", "ShimMetalKernel", "compile_sources",
+    "have_compiler", "is_cooperative", "render", "render_metal_kernel", "SweepShimMetalKernel", "metal_shim",
 ]
 
 
