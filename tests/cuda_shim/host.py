@@ -285,7 +285,7 @@ def guarded_empty(shape, dtype: str):
     return raw, raw[start:start + nbytes].view(np_dt).reshape(shape), start
 
 
-def _check_guards(name, raw, start, nbytes):
+def check_guards(name, raw, start, nbytes):
     if (raw[:start] != _CANARY).any() or (raw[start + nbytes:] != _CANARY).any():
         raise HostLaunchError(f"{name} wrote outside an output")
 
@@ -330,7 +330,7 @@ class HostKernel:
             outs.append(y)
         run_variant(self._lib, v, inputs, outs, grid, threadgroup)
         for raw, start, nbytes in raws:
-            _check_guards(v.func_name, raw, start, nbytes)
+            check_guards(v.func_name, raw, start, nbytes)
         return outs
 
 
