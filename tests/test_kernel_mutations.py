@@ -52,7 +52,8 @@ class Mutant:
         return (self.apply(header), body) if self.in_header else (header, self.apply(body))
 
 
-MMA_LOOP = "for (int u = 0; u < U; u++) {\n#pragma unroll\n    for (int mt = 0; mt < MT; mt++) {\n#pragma unroll\n      for"
+# The second `u` loop (the MMAs; the first issues the loads).
+MMA_LOOP = "for (int u = 0; u < U; u++) {\n#pragma unroll\n    for (int mt = 0; mt < MT; mt++) {\n#pragma unroll"
 EPILOGUE_ROWS = "for (int r = 0; r < 16 && m0 + r < M; r++) {\n      float v"
 
 MUTANTS = [

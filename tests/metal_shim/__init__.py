@@ -12,8 +12,8 @@ from .render import InputMeta, render, render_metal_kernel
 
 __all__ = [
     "CXX", "InputMeta", "ShimCompileError", "ShimLaunchError", "ShimMetalKernel", "compile_sources",
-    "have_compiler", "is_cooperative", "render", "render_metal_kernel", "SweepShimMetalKernel", "RecordingShimMetalKernel", "recording_factory",
-    "metal_shim",
+    "have_compiler", "is_cooperative", "render", "render_metal_kernel", "SweepShimMetalKernel",
+    "RecordingShimMetalKernel", "recording_factory", "metal_shim",
 ]
 
 
