@@ -51,6 +51,10 @@ def launch_template(backend: str, record) -> Tuple[Tuple[str, object], ...]:
     return tuple((n, v) for n, v in template if n != "T")
 
 
+def launch_name(backend: str, record) -> str:
+    return record.name if backend == "cuda" else record[0]
+
+
 def _launch_outputs(backend: str, record) -> Tuple[str, List[np.ndarray]]:
     """(kernel name, outputs as float32 numpy arrays) of one recorded launch."""
     if backend == "cuda":

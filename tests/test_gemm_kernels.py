@@ -11,9 +11,12 @@ rounding to the output dtype plus float32 accumulation-order differences.
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
 
+from mlx_fusion import kernels
 from mlx_fusion.kernels import KERNEL_SPECS
+from mlx_fusion.ops import fused_linear, linear_reference
 from mlx_fusion.patterns import Activation
 from tests import _kernel_checks as kc
 from tests.cuda_shim.host import CXX, have_compiler
@@ -74,3 +77,32 @@ def test_both_tilings_run(backend):
     allowed = dict(SPEC.templates)
     for t in seen:
         assert all(v in allowed[name] for name, v in t), t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_linear_gradients_through_the_kernel(backend, dtype):
+    """Values and gradients of fused_linear whose forward is the small-M kernel, against the
+    unfused expression (the backward is MLX's, from the kernel's z or, for ReLU, its output)."""
+    dt = kc.MX_DTYPES[dtype]
+    r = kc.rng("grads", dtype)
+    x = mx.array(r.uniform(-1, 1, (6, 48)).astype("float32")).astype(dt)
+    w = mx.array(r.uniform(-0.3, 0.3, (13, 48)).astype("float32")).astype(dt)
+    b = mx.array(r.uniform(-1, 1, (13,)).astype("float32")).astype(dt)
+    cot = mx.array(r.uniform(-1, 1, (6, 13)).astype("float32"))
+    tol = 2 * kc.ELEMENTWISE_TOL[dtype]
+    record = kc.launches(backend)
+    for act in Activation:
+        def loss(fn, *args):
+            return (fn(*args, act).astype(mx.float32) * cot).sum()
+
+        before = len(record)
+        with kernels.use_backend(backend, kc.factory(backend)):
+            got = mx.grad(lambda *a: loss(fused_linear, *a), argnums=(0, 1, 2))(x, w, b)
+            y = fused_linear(x, w, b, act)
+        assert any("linear_activation" in kc.launch_name(backend, rec) for rec in record[before:])
+        want = mx.grad(lambda *a: loss(linear_reference, *a), argnums=(0, 1, 2))(x, w, b)
+        ref = linear_reference(x, w, b, act)
+        for g, wg, what in zip((y, *got), (ref, *want), ("value", "dx", "dw", "db")):
+            g, wg = (t.astype(mx.float32) for t in (g, wg))
+            scale = max(1.0, float(mx.abs(wg).max()))
+            assert mx.allclose(g, wg, rtol=tol, atol=tol * scale).item(), (act, what)
