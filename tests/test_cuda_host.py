@@ -24,7 +24,6 @@ from mlx_fusion.patterns import Activation, BinaryOp
 from tests.cuda_shim.host import (
     CXX,
     HostKernel,
-
     aligned_empty,
     decode,
     encode,
@@ -335,4 +334,3 @@ def test_dropped_tail_element_fails_comparison():
     assert msg is not None and "1/7" in msg, msg
     out, ref = run_binary(k, "float32", BinaryOp.MUL, Activation.SILU, (25, 800), "contiguous", "contiguous")
     assert mismatch(out, ref, "float32") is None
-
