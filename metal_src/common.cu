@@ -8,7 +8,10 @@
 // No #include here: NVRTC has no <cstdint>; MLX's device headers (included
 // before this header) already define int64_t.
 
-// Op and activation codes arrive at run time (see common.metal for why).
+// Op and activation codes arrive at run time (see common.metal for why). Unknown codes
+// are an error: the math functions return NaN for them, and FUSION_DISPATCH runs the
+// FUSION_INVALID instantiation, whose every output element is NaN.
+#define FUSION_INVALID -1
 #define FUSION_RELU 0
 #define FUSION_GELU 1
 #define FUSION_GELU_APPROX 2
@@ -18,6 +21,8 @@
 #define FUSION_SUB 1
 #define FUSION_MUL 2
 #define FUSION_DIV 3
+
+__device__ __forceinline__ float fusion_nan() { return __uint_as_float(0x7fc00000u); }
 
 __device__ __forceinline__ float fusion_sigmoid(float x) {
   float y = 1.0f / (1.0f + expf(-fabsf(x)));
@@ -32,8 +37,10 @@ __device__ __forceinline__ float fusion_binary(int op, float a, float b) {
       return a - b;
     case FUSION_MUL:
       return a * b;
-    default:
+    case FUSION_DIV:
       return a / b;
+    default:
+      return fusion_nan();
   }
 }
 
@@ -47,8 +54,10 @@ __device__ __forceinline__ float fusion_activation(int act, float z) {
       float u = 0.79788456080286536f * (z + 0.044715f * z * z * z);
       return 0.5f * z * (1.0f + tanhf(u));
     }
-    default:
+    case FUSION_SILU:
       return z * fusion_sigmoid(z);
+    default:
+      return fusion_nan();
   }
 }
 
@@ -64,13 +73,17 @@ __device__ __forceinline__ float fusion_activation_grad(int act, float z) {
     case FUSION_GELU_APPROX: {
       float z2 = z * z;
       float t = tanhf(0.79788456080286536f * (z + 0.044715f * z2 * z));
+      // 3 * z^2 first, as MLX's autodiff of z**3 forms it: it overflows (and the
+      // derivative turns NaN) at the same |z|, ~1.06e19, as the unfused gradient.
       return 0.5f * (1.0f + t) +
-          0.5f * z * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.134145f * z2);
+          0.5f * z * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.044715f * (3.0f * z2));
     }
-    default: {
+    case FUSION_SILU: {
       float s = fusion_sigmoid(z);
       return s * (1.0f + z * (1.0f - s));
     }
+    default:
+      return fusion_nan();
   }
 }
 
@@ -326,38 +339,42 @@ __device__ __forceinline__ void fusion_affine_backward_kernel(
   }
 }
 
-#define FUSION_DISPATCH(op, act, F, W, ...)  \
-  switch ((op) * 4 + (act)) {                \
-    case 0: F<0, 0, W>(__VA_ARGS__); break;  \
-    case 1: F<0, 1, W>(__VA_ARGS__); break;  \
-    case 2: F<0, 2, W>(__VA_ARGS__); break;  \
-    case 3: F<0, 3, W>(__VA_ARGS__); break;  \
-    case 4: F<1, 0, W>(__VA_ARGS__); break;  \
-    case 5: F<1, 1, W>(__VA_ARGS__); break;  \
-    case 6: F<1, 2, W>(__VA_ARGS__); break;  \
-    case 7: F<1, 3, W>(__VA_ARGS__); break;  \
-    case 8: F<2, 0, W>(__VA_ARGS__); break;  \
-    case 9: F<2, 1, W>(__VA_ARGS__); break;  \
-    case 10: F<2, 2, W>(__VA_ARGS__); break; \
-    case 11: F<2, 3, W>(__VA_ARGS__); break; \
-    case 12: F<3, 0, W>(__VA_ARGS__); break; \
-    case 13: F<3, 1, W>(__VA_ARGS__); break; \
-    case 14: F<3, 2, W>(__VA_ARGS__); break; \
-    default: F<3, 3, W>(__VA_ARGS__); break; \
+// Codes outside the tables (op or act not in 0..3) select FUSION_INVALID: NaN output.
+#define FUSION_DISPATCH(op, act, F, W, ...)                                          \
+  switch ((unsigned(op) < 4u && unsigned(act) < 4u) ? (op) * 4 + (act) : -1) {      \
+    case 0: F<0, 0, W>(__VA_ARGS__); break;                                          \
+    case 1: F<0, 1, W>(__VA_ARGS__); break;                                          \
+    case 2: F<0, 2, W>(__VA_ARGS__); break;                                          \
+    case 3: F<0, 3, W>(__VA_ARGS__); break;                                          \
+    case 4: F<1, 0, W>(__VA_ARGS__); break;                                          \
+    case 5: F<1, 1, W>(__VA_ARGS__); break;                                          \
+    case 6: F<1, 2, W>(__VA_ARGS__); break;                                          \
+    case 7: F<1, 3, W>(__VA_ARGS__); break;                                          \
+    case 8: F<2, 0, W>(__VA_ARGS__); break;                                          \
+    case 9: F<2, 1, W>(__VA_ARGS__); break;                                          \
+    case 10: F<2, 2, W>(__VA_ARGS__); break;                                         \
+    case 11: F<2, 3, W>(__VA_ARGS__); break;                                         \
+    case 12: F<3, 0, W>(__VA_ARGS__); break;                                         \
+    case 13: F<3, 1, W>(__VA_ARGS__); break;                                         \
+    case 14: F<3, 2, W>(__VA_ARGS__); break;                                         \
+    case 15: F<3, 3, W>(__VA_ARGS__); break;                                         \
+    default: F<FUSION_INVALID, FUSION_INVALID, W>(__VA_ARGS__); break;               \
   }
 
-#define FUSION_DISPATCH_ACT(act, F, W, ...) \
-  switch (act) {                            \
-    case 0: F<0, W>(__VA_ARGS__); break;    \
-    case 1: F<1, W>(__VA_ARGS__); break;    \
-    case 2: F<2, W>(__VA_ARGS__); break;    \
-    default: F<3, W>(__VA_ARGS__); break;   \
+#define FUSION_DISPATCH_ACT(act, F, W, ...)               \
+  switch (unsigned(act) < 4u ? (act) : -1) {              \
+    case 0: F<0, W>(__VA_ARGS__); break;                  \
+    case 1: F<1, W>(__VA_ARGS__); break;                  \
+    case 2: F<2, W>(__VA_ARGS__); break;                  \
+    case 3: F<3, W>(__VA_ARGS__); break;                  \
+    default: F<FUSION_INVALID, W>(__VA_ARGS__); break;    \
   }
 
 // --- linear_activation: tensor-core tiles for small-M GEMMs -------------------
 // One m16n8k16 MMA (16-bit inputs, float32 accumulate) on 32-bit words holding
 // two elements each. Fragment layouts: PTX ISA, "Matrix Fragments for
-// mma.m16n8k16 with floating point type". Host builds (the CPU shim) never run it.
+// mma.m16n8k16 with floating point type". The CPU shim (tests/cuda_shim, which
+// defines FUSION_CUDA_HOST) runs the same instruction for a warp of fibers.
 template <typename T>
 struct FusionMma;
 
@@ -367,6 +384,8 @@ struct FusionMma;
                ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"               \
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                              \
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#elif defined(FUSION_CUDA_HOST)
+#define FUSION_MMA_ASM(PTX) fusion_host_mma_m16n8k16(PTX, c, a0, a1, a2, a3, b0, b1);
 #else
 #define FUSION_MMA_ASM(PTX)
 #endif

@@ -12,7 +12,10 @@
 // instead of one per (op, activation, dtype) keeps the JIT work to a dozen
 // kernels, and the branch is uniform across the grid, so it costs next to
 // nothing in a memory-bound kernel.
-// Activation codes; must match patterns.Activation.code.
+// Activation codes; must match patterns.Activation.code (tests/test_activation_tables.py).
+// An unknown op or activation code is an error, not a fall-through to the last case:
+// the codes arrive at run time (no static_assert can see them) and Metal has no trap,
+// so the math functions return NaN for them and the whole output is NaN-poisoned.
 #define FUSION_RELU 0
 #define FUSION_GELU 1
 #define FUSION_GELU_APPROX 2
@@ -68,8 +71,10 @@ inline float fusion_binary(int op, float a, float b) {
       return a - b;
     case FUSION_MUL:
       return a * b;
-    default:
+    case FUSION_DIV:
       return a / b;
+    default:
+      return NAN;
   }
 }
 
@@ -84,8 +89,10 @@ inline float fusion_activation(int act, float z) {
       float u = 0.79788456080286536f * (z + 0.044715f * z * z * z);
       return 0.5f * z * (1.0f + metal::precise::tanh(u));
     }
-    default:
+    case FUSION_SILU:
       return z * fusion_sigmoid(z);
+    default:
+      return NAN;
   }
 }
 
@@ -104,13 +111,17 @@ inline float fusion_activation_grad(int act, float z) {
     case FUSION_GELU_APPROX: {
       float z2 = z * z;
       float t = metal::precise::tanh(0.79788456080286536f * (z + 0.044715f * z2 * z));
+      // 3 * z^2 first, as MLX's autodiff of z**3 forms it: it overflows (and the
+      // derivative turns NaN) at the same |z|, ~1.06e19, as the unfused gradient.
       return 0.5f * (1.0f + t) +
-          0.5f * z * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.134145f * z2);
+          0.5f * z * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.044715f * (3.0f * z2));
     }
-    default: {
+    case FUSION_SILU: {
       float s = fusion_sigmoid(z);
       return s * (1.0f + z * (1.0f - s));
     }
+    default:
+      return NAN;
   }
 }
 

@@ -19,6 +19,7 @@ from mlx_fusion.ops import FUSED_OPS, binary_reference, fused_binary, fused_scal
 from tests.metal_shim import (  # noqa: F401  (metal_shim is a fixture)
     InputMeta,
     ShimCompileError,
+    ShimLaunchError,
     ShimMetalKernel,
     compile_sources,
     have_compiler,
@@ -293,14 +294,25 @@ def _check_case(case, arrays, dtype, scale=1.0):
 def test_fused_op_runs_metal_source(metal_shim, case, dtype, monkeypatch):
     monkeypatch.setenv("MLX_FUSION_LINEAR_EPILOGUE", "kernel")  # the kernels, not MLX's epilogue
     # K = 12: not a multiple of 8, so linear runs addmm + the activation kernel; the
-    # small-M kernel (simd_sum) cannot execute on the shim: it is compiled above and
-    # runs in tests/test_ops.py on a GPU.
+    # small-M kernel runs below and in tests/test_gemm_kernels.py.
     shape = (6, 12, 13) if case.kind == "linear" else SHAPE
     arrays = case.make_inputs(shape, dtype)
     before = metal_shim.launches
     _check_case(case, arrays, dtype)
     if case.kind != "linear" or case.pattern.activation is not None:
         assert metal_shim.launches > before  # the Metal path ran, forward and backward
+
+
+@pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=DT_IDS.get)
+@pytest.mark.parametrize("case", [c for c in FUSED_OPS if c.kind == "linear" and c.pattern.activation is not None],
+                         ids=lambda c: c.name)
+def test_fused_linear_small_m_runs_metal_source(metal_shim, case, dtype):
+    """M <= 32, K % 8 == 0, half/bfloat16: the forward is the small-M simdgroup GEMM
+    (linear_activation), values and gradients against the unfused expression."""
+    arrays = case.make_inputs((5, 48, 13), dtype)
+    before = metal_shim.launches
+    _check_case(case, arrays, dtype, scale=4.0)  # sums over K = 48 rounded once vs per op
+    assert metal_shim.launches > before
 
 
 BROADCASTS = {  # b's shape (None: a Python float; (): a 0-d array), a is (5, 13)
@@ -373,19 +385,6 @@ def test_sizes_around_elements_per_thread(metal_shim, n):
 
 def test_shim_catches_out_of_bounds_writes():
     k = ShimMetalKernel("oob", ["a"], ["out"], "uint i = thread_position_in_grid.x; out[i + 1] = a[i];")
-    with pytest.raises(RuntimeError, match="wrote outside output `out`"):
+    with pytest.raises(ShimLaunchError, match="wrote outside output `out`"):
         k(inputs=[mx.zeros((8,))], output_shapes=[(8,)], output_dtypes=[mx.float32], grid=(8, 1, 1),
           threadgroup=(8, 1, 1))
-
-
-def test_threadgroup_kernels_compile_but_do_not_run():
-    body = """
-    threadgroup float buf[32];
-    buf[thread_index_in_threadgroup] = a[thread_position_in_grid.x];
-    threadgroup_barrier(metal::mem_flags::mem_threadgroup);
-    out[thread_position_in_grid.x] = metal::simd_sum(buf[0]);
-    """
-    k = ShimMetalKernel("tg", ["a"], ["out"], body)
-    with pytest.raises(NotImplementedError, match="sequential CPU shim"):
-        k(inputs=[mx.zeros((32,))], output_shapes=[(32,)], output_dtypes=[mx.float32], grid=(32, 1, 1),
-          threadgroup=(32, 1, 1))

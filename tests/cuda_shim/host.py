@@ -9,6 +9,13 @@ Shape/Strides/ndim arguments from flat arrays and runs the kernel for every thre
 every block sequentially, with MLX's CUDA launch geometry (`grid` is the total thread
 count: ceil(grid/threadgroup) blocks of min(threadgroup, grid) threads).
 
+A body that uses block-level CUDA (`__syncthreads`, `__shared__`, warp shuffles, the
+`mma.sync` of `FusionMma`) is *cooperative*: its entry runs the threads of each block as
+fibers (tests/gpu_threads/gpu_threads.h) that meet at barriers and warp collectives, and
+`mma.sync` has a host implementation with the PTX fragment layout (cuda_host.h). A block
+that breaks a collective's rules (a deadlock, lanes in different collectives) raises
+`HostLaunchError`.
+
 Arrays are numpy arrays (any strided view: broadcast views with stride 0, transposes,
 negative strides, offset slices); bfloat16 data is carried as uint16 bit patterns (see
 `to_bf16` / `from_bf16`). Strides are passed in elements, as MLX does.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -35,9 +43,10 @@ import numpy as np
 from . import PRELUDE, render_cuda_kernel
 
 HOST_DIR = Path(__file__).resolve().parent / "host"
+THREADS_DIR = Path(__file__).resolve().parent.parent / "gpu_threads"
 CXX = os.environ.get("MLX_FUSION_SHIM_CXX", "g++")
 CXXFLAGS = ["-std=c++17", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-x", "c++",
-            "-Wno-unknown-pragmas", "-Wno-attributes", f"-I{HOST_DIR}"]
+            "-Wno-unknown-pragmas", "-Wno-attributes", f"-I{HOST_DIR}", f"-I{THREADS_DIR}"]
 CACHE_DIR = Path(tempfile.gettempdir()) / "mlx_fusion_cuda_host"
 HOST_PRELUDE = '\n#include "cuda_host.h"\n\n'
 MAX_NDIM = 10
@@ -50,6 +59,19 @@ NP_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint1
 
 class HostCompileError(AssertionError):
     pass
+
+
+class HostLaunchError(RuntimeError):
+    """A cooperative block broke the rules of a barrier or warp collective, or a kernel
+    wrote outside an output."""
+
+
+# Bodies naming these need the threads of a block to meet (see gpu_threads.h).
+_COOPERATIVE = re.compile(r"__syncthreads|__shared__|__shfl_\w+|__syncwarp|\bFusionMma\b")
+
+
+def is_cooperative(body: str) -> bool:
+    return _COOPERATIVE.search(body) is not None
 
 
 def have_compiler() -> bool:
@@ -105,7 +127,7 @@ class Variant:
     input_dtypes: Tuple[str, ...]
     output_names: Tuple[str, ...]
     output_dtypes: Tuple[str, ...]
-    template: Tuple[Tuple[str, str], ...]  # (name, dtype name)
+    template: Tuple[Tuple[str, object], ...]  # (name, dtype name / int / bool)
 
 
 def _arg_flags(body: str, name: str) -> Tuple[bool, bool, bool]:
@@ -114,12 +136,12 @@ def _arg_flags(body: str, name: str) -> Tuple[bool, bool, bool]:
 
 
 def _entry(body: str, v: Variant) -> str:
-    """extern "C" void run_<func>(void** bufs, const int32_t* shapes, const int64_t* strides,
-    const int32_t* ndims, unsigned grid_x, unsigned block_x)"""
+    """extern "C" const char* run_<func>(void** bufs, const int32_t* shapes, const int64_t* strides,
+    const int32_t* ndims, unsigned grid_x, unsigned block_x): nullptr, or what went wrong."""
     from . import CUDA_TYPES
 
     ctype = lambda d: CUDA_TYPES[DTYPES[d]]
-    lines = [f'extern "C" void run_{v.func_name}(void** bufs, const int32_t* shapes, '
+    lines = [f'extern "C" const char* run_{v.func_name}(void** bufs, const int32_t* shapes, '
              "const int64_t* strides, const int32_t* ndims, unsigned grid_x, unsigned block_x) {"]
     args = []
     for i, (name, dt) in enumerate(zip(v.input_names, v.input_dtypes)):
@@ -138,18 +160,21 @@ def _entry(body: str, v: Variant) -> str:
     nin = len(v.input_names)
     for j, dt in enumerate(v.output_dtypes):
         args.append(f"static_cast<{ctype(dt)}*>(bufs[{nin + j}])")
-    lines += [
-        "  gridDim = dim3{grid_x, 1, 1};",
-        "  blockDim = dim3{block_x, 1, 1};",
-        "  for (unsigned bx = 0; bx < grid_x; bx++) {",
-        "    for (unsigned tx = 0; tx < block_x; tx++) {",
-        "      blockIdx = dim3{bx, 0, 0};",
-        "      threadIdx = dim3{tx, 0, 0};",
-        f"      mlx::core::cu::{v.func_name}({', '.join(args)});",
-        "    }",
-        "  }",
-        "}",
-    ]
+    call = f"mlx::core::cu::{v.func_name}({', '.join(args)});"
+    lines += ["  gridDim = dim3{grid_x, 1, 1};",
+              "  blockDim = dim3{block_x, 1, 1};",
+              "  for (unsigned bx = 0; bx < grid_x; bx++) {",
+              "    blockIdx = dim3{bx, 0, 0};"]
+    if is_cooperative(body):  # the block's threads as fibers, meeting at collectives
+        lines += ["    const char* err = gpu_threads::run_block(",
+                  f"        block_x, [&](unsigned) {{ {call} }}, fusion_host_set_thread);",
+                  "    if (err != nullptr) return err;"]
+    else:  # one thread after another
+        lines += ["    for (unsigned tx = 0; tx < block_x; tx++) {",
+                  "      threadIdx = dim3{tx, 0, 0};",
+                  f"      {call}",
+                  "    }"]
+    lines += ["  }", "  return nullptr;", "}"]
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +186,7 @@ def render_unit(header: str, body: str, variants: Sequence[Variant]) -> str:
         text += render_cuda_kernel(
             v.func_name, "", body, v.input_names, [DTYPES[d] for d in v.input_dtypes],
             [1] * len(v.input_names), v.output_names, [DTYPES[d] for d in v.output_dtypes],
-            [(n, DTYPES[d]) for n, d in v.template])
+            [(n, DTYPES[d] if isinstance(d, str) else d) for n, d in v.template])
         text += _entry(body, v)
     return text
 
@@ -173,7 +198,7 @@ _loaded: Dict[str, ctypes.CDLL] = {}
 
 def compile_unit(text: str) -> Path:
     """Build `text` into a shared library (cached by hash); return its path."""
-    header_text = (HOST_DIR / "cuda_host.h").read_text()
+    header_text = (HOST_DIR / "cuda_host.h").read_text() + (THREADS_DIR / "gpu_threads.h").read_text()
     key = hashlib.sha256("\0".join([text, header_text, CXX, *CXXFLAGS]).encode()).hexdigest()[:20]
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     so = CACHE_DIR / f"{key}.so"
@@ -237,25 +262,51 @@ def run_variant(lib: ctypes.CDLL, v: Variant, inputs: Sequence[np.ndarray],
         ptrs[n_in + j] = y.ctypes.data
     blocks, block = launch_dims(int(grid), int(threadgroup))
     fn = getattr(lib, f"run_{v.func_name}")
-    fn.restype = None
+    fn.restype = ctypes.c_char_p
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_uint, ctypes.c_uint]
-    fn(ctypes.cast(ptrs, ctypes.c_void_p), shapes.ctypes.data, strides.ctypes.data,
-       ndims.ctypes.data, blocks, block)
+    err = fn(ctypes.cast(ptrs, ctypes.c_void_p), shapes.ctypes.data, strides.ctypes.data,
+             ndims.ctypes.data, blocks, block)
+    if err is not None:
+        raise HostLaunchError(f"{v.func_name}: {err.decode()}")
+
+
+_GUARD = 256  # canary bytes on either side of every output
+_CANARY = 0xA5
+
+
+def guarded_empty(shape, dtype: str):
+    """(raw buffer, 16-byte aligned output view inside it): writes past either end of the
+    view change the canary bytes around it."""
+    np_dt = np.dtype(NP_STORAGE[dtype])
+    nbytes = (int(np.prod(shape)) if len(shape) else 1) * np_dt.itemsize
+    raw = np.full(2 * _GUARD + nbytes + 64, _CANARY, dtype=np.uint8)
+    start = (-(raw.ctypes.data + _GUARD)) % 64 + _GUARD
+    return raw, raw[start:start + nbytes].view(np_dt).reshape(shape), start
+
+
+def check_guards(name, raw, start, nbytes):
+    if (raw[:start] != _CANARY).any() or (raw[start + nbytes:] != _CANARY).any():
+        raise HostLaunchError(f"{name} wrote outside an output")
 
 
 class HostKernel:
-    """The dtype variants of one kernel body (template T), compiled together in one unit."""
+    """The variants of one kernel body, compiled together in one unit: template T for each
+    dtype, times each of `templates` (extra (name, int/bool) lists, e.g. linear_activation's
+    MT/NT/HAS_BIAS)."""
 
     def __init__(self, name: str, header: str, body: str, input_names, output_names,
-                 dtypes: Sequence[str] = ("float32", "float16", "bfloat16")):
+                 dtypes: Sequence[str] = ("float32", "float16", "bfloat16"), templates=((),)):
         self.name = name
-        self.variants: Dict[str, Variant] = {}
+        self.variants: Dict[tuple, Variant] = {}
         for dt in dtypes:
             in_dt = tuple("float32" if n == "p" else "int32" if n == "m" else dt for n in input_names)
-            self.variants[dt] = Variant(
-                f"{name}_{dt}", tuple(input_names), in_dt, tuple(output_names),
-                tuple(dt for _ in output_names), (("T", dt),))
+            for extra in templates:
+                extra = tuple(extra)
+                suffix = "".join(f"_{n}{int(v)}" for n, v in extra)
+                self.variants[(dt, extra)] = Variant(
+                    f"{name}_{dt}{suffix}", tuple(input_names), in_dt, tuple(output_names),
+                    tuple(dt for _ in output_names), (("T", dt),) + extra)
         self.text = render_unit(header, body, list(self.variants.values()))
         self._lib: Optional[ctypes.CDLL] = None
 
@@ -265,24 +316,41 @@ class HostKernel:
         return self
 
     def __call__(self, dtype: str, inputs, output_shapes, grid: int, threadgroup: int = 256,
-                 fill=np.nan) -> List[np.ndarray]:
-        """Run the `dtype` variant; outputs (16-byte aligned, prefilled with `fill` so that
-        unwritten elements show) come back in their storage dtype."""
+                 fill=np.nan, template=()) -> List[np.ndarray]:
+        """Run the (`dtype`, `template`) variant; outputs (16-byte aligned, prefilled with
+        `fill` so that unwritten elements show, canaries around them so that writes past
+        them raise) come back in their storage dtype."""
         self.build()
-        v = self.variants[dtype]
-        outs = []
+        v = self.variants[(dtype, tuple(template))]
+        raws, outs = [], []
         for shape in output_shapes:
-            y = aligned_empty(tuple(shape), dtype)
+            raw, y, start = guarded_empty(tuple(shape), dtype)
             y[...] = encode(np.full(tuple(shape), fill, dtype=np.float32), dtype)
+            raws.append((raw, start, y.nbytes))
             outs.append(y)
         run_variant(self._lib, v, inputs, outs, grid, threadgroup)
+        for raw, start, nbytes in raws:
+            check_guards(v.func_name, raw, start, nbytes)
         return outs
 
 
-def kernel_from_sources(name: str, **kw) -> HostKernel:
-    """HostKernel for a kernel of mlx_fusion.kernels.KERNEL_SPECS."""
+def spec_templates(spec) -> Tuple[Tuple[Tuple[str, object], ...], ...]:
+    """Every combination of a KernelSpec's non-dtype template arguments."""
+    import itertools
+
+    names = [n for n, _ in spec.templates]
+    return tuple(tuple(zip(names, values)) for values in itertools.product(*(v for _, v in spec.templates)))
+
+
+def kernel_from_sources(name: str, header: Optional[str] = None, body: Optional[str] = None,
+                        **kw) -> HostKernel:
+    """HostKernel for a kernel of mlx_fusion.kernels.KERNEL_SPECS (every dtype and template
+    value the spec lists), from its sources or from a given (mutated) header/body."""
     from mlx_fusion.kernels import KERNEL_SPECS, kernel_source
 
     spec = KERNEL_SPECS[name]
-    header, body = kernel_source(name, "cuda")
-    return HostKernel(name, header, body, spec.input_names, spec.output_names, **kw)
+    src_header, src_body = kernel_source(name, "cuda")
+    kw.setdefault("dtypes", tuple(spec.dtypes))
+    kw.setdefault("templates", spec_templates(spec))
+    return HostKernel(name, src_header if header is None else header, src_body if body is None else body,
+                      spec.input_names, spec.output_names, **kw)

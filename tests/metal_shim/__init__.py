@@ -1,21 +1,19 @@
-"""Run the Metal kernel sources on the CPU (see shim.py and docs/metal-verification.md)."""
+"""Run the Metal kernel sources on the CPU (docs/metal-verification.md).
+
+render.py: the source MLX generates for a call; compile.py: g++ builds with a CPU entry per
+kernel (cached); execute.py: `ShimMetalKernel`, the stand-in for `mx.fast.metal_kernel`.
+"""
 
 import pytest
 
-from .shim import (
-    CXX,
-    InputMeta,
-    ShimCompileError,
-    ShimMetalKernel,
-    compile_sources,
-    have_compiler,
-    render,
-    render_metal_kernel,
-)
+from .compile import CXX, ShimCompileError, compile_sources, have_compiler, is_cooperative
+from .execute import ShimLaunchError, ShimMetalKernel
+from .render import InputMeta, render, render_metal_kernel
 
 __all__ = [
-    "CXX", "InputMeta", "ShimCompileError", "ShimMetalKernel", "compile_sources", "have_compiler",
-    "render", "render_metal_kernel", "SweepShimMetalKernel", "metal_shim",
+    "CXX", "InputMeta", "ShimCompileError", "ShimLaunchError", "ShimMetalKernel", "compile_sources",
+    "have_compiler", "is_cooperative", "render", "render_metal_kernel", "SweepShimMetalKernel",
+    "RecordingShimMetalKernel", "recording_factory", "metal_shim",
 ]
 
 
@@ -28,6 +26,37 @@ class SweepShimMetalKernel(ShimMetalKernel):
     def __call__(self, **kwargs):
         SweepShimMetalKernel.launches += 1
         return super().__call__(**kwargs)
+
+
+class RecordingShimMetalKernel(ShimMetalKernel):
+    """A factory that records every launch as (keyword arguments, outputs) in `launches`
+    (hidden outputs such as linear's `z` included). `edit` (class attribute): a function
+    (name, header, body) -> (header, body) applied to the sources first, for mutants."""
+
+    launches = []
+    edit = None
+
+    def __init__(self, name, input_names, output_names, source, header="", **kwargs):
+        if type(self).edit is not None:
+            header, source = type(self).edit(name, header, source)
+        super().__init__(name, input_names, output_names, source, header, **kwargs)
+
+    def __call__(self, **kwargs):
+        outs = super().__call__(**kwargs)
+        RecordingShimMetalKernel.launches.append((self.name, kwargs, outs))
+        return outs
+
+
+_mutants = []  # kept alive: kernels.get_kernel caches kernel objects by id(factory)
+
+
+def recording_factory(edit=None):
+    """A RecordingShimMetalKernel class whose kernels are built from edit(name, header, body)."""
+    if edit is None:
+        return RecordingShimMetalKernel
+    cls = type("MutatedShimMetalKernel", (RecordingShimMetalKernel,), {"edit": staticmethod(edit)})
+    _mutants.append(cls)
+    return cls
 
 
 @pytest.fixture
