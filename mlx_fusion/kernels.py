@@ -40,9 +40,11 @@ __all__ = [
 class KernelSpec:
     """What MLX needs to build a kernel besides its source.
 
-    elementwise: the kernel is a pure function of the elements of its inputs,
-    so the tests also execute it on the CPU through the shims (the others use
-    warp/simdgroup collectives and run on a GPU only).
+    elementwise: the kernel is a pure function of the elements of its inputs
+    (one thread per element group); False for kernels that use threadgroup memory,
+    barriers or warp/simdgroup collectives. Both kinds are executed on the CPU by
+    the tests: elementwise ones per thread, the others a block at a time through the
+    shims' cooperative threads (docs/testing.md).
     ensure_row_contiguous: False where the kernel reads strides itself.
     dtypes: the values of the template type T the ops instantiate.
     templates: the other template arguments the ops pass, each with every value
