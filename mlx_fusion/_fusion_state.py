@@ -1,0 +1,157 @@
+"""The trace cache of one fused object, shared by fused functions and modules.
+
+One `_Entry` per key (see docs/never-wrong.md for what a key covers). An entry
+replays the fused graph, or runs the original callable directly when its
+trace ended with no fusion (``direct``: nothing to gain, so no interpreter in
+between), or holds the reason the call runs unfused.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Callable, Dict, List, Optional
+
+import mlx.core as mx
+
+from .graph.interpreter import UnsupportedPrimitive, plan
+from .graph.ir import Graph
+from .graph.trace import TraceError, unflatten_tree
+
+__all__ = ["FusionFallbackWarning", "REGISTRY", "optimizer_stats"]
+
+
+class FusionFallbackWarning(UserWarning):
+    """A fused object runs its original, unfused code (see the message for why)."""
+
+
+REGISTRY: "weakref.WeakSet[_FusionState]" = weakref.WeakSet()
+
+
+def optimizer_stats():
+    from .graph.optimizer import FusionStats
+
+    return FusionStats()
+
+
+def compile_like_mlx(fn: Callable, random: bool) -> Callable:
+    """``mx.compile(fn)``; one that draws from MLX's global key gets it as state, so each call differs."""
+    if random:
+        state = [mx.random.state]
+        return mx.compile(fn, inputs=state, outputs=state)
+    return mx.compile(fn)
+
+
+def signature(leaves: List[mx.array]) -> tuple:
+    return tuple((a.shape, a.dtype) for a in leaves)
+
+
+class _Entry:
+    """One cached trace: its replay and output skeleton, the direct path, or the fallback reason."""
+
+    __slots__ = ("replay", "out_skeleton", "fallback", "checked", "direct", "rng_out", "split")
+
+    def __init__(self, replay=None, out_skeleton=None, fallback: Optional[str] = None):
+        self.replay, self.out_skeleton, self.fallback, self.checked = replay, out_skeleton, fallback, False
+        self.direct = False  # the trace fused nothing: run the original callable
+        self.rng_out = False  # the last replay output is the global key after the call
+        self.split = False  # modules: run the forward with fused children (see _fused_module)
+
+
+class _FusionState:
+    """Cache, graphs and statistics of one fused object."""
+
+    def __init__(self, name: str, config, compile: bool):
+        self.name, self._config, self.compile = name, config, compile
+        self.cache: Dict[Any, _Entry] = {}
+        self.graphs: List[Graph] = []
+        self.stats = optimizer_stats()
+        self.fallbacks: Dict[str, int] = {}  # reason -> number of traces that fell back
+        self.split: Dict[str, int] = {}  # modules: reason -> calls run with fused children instead
+        self.extra: Dict[str, Any] = {}  # per-kind helpers (module states, compiled originals)
+        REGISTRY.add(self)
+
+    def config(self):
+        if self._config is not None:
+            return self._config
+        from .config import get_config
+
+        return get_config()
+
+    def entry(self, key, make_graph: Callable[[], Graph], cfg, params=(), training=False) -> _Entry:
+        entry = self.cache.get(key)
+        if entry is None:
+            entry = self.cache[key] = self._build(make_graph, cfg, params, training)
+        return entry
+
+    def _build(self, make_graph, cfg, params=(), training=False) -> _Entry:
+        from .graph.optimizer import FusionOptimizer
+
+        try:
+            graph = make_graph()
+        except TraceError as e:
+            return self.fall_back(f"could not trace: {e.reason}")
+        # Neural Engine offload runs first, on the plain trace (docs/neural-engine.md).
+        offloaded = _offload(graph, cfg, params, training) if cfg.neural_engine else 0
+        try:
+            stats = FusionOptimizer(cfg, compiled_replay=self.compile and not offloaded).optimize(graph)
+            graph.lint()
+        except Exception as e:  # a bug in a rewrite must not break the user's model
+            return self.fall_back(f"fusion pass failed: {type(e).__name__}: {e}")
+        self.graphs.append(graph)
+        self.stats.merge(stats)
+        if stats.applied_count == 0 and not offloaded:
+            # Nothing fused: the original code is at least as fast as any replay of it.
+            entry = _Entry(out_skeleton=graph.meta["out_skeleton"])
+            entry.direct, entry.rng_out = True, bool(graph.meta.get("rng_outputs"))
+            return entry
+        try:
+            # Core ML blocks read their inputs as NumPy, which mx.compile forbids.
+            replay = plan(graph, compile=self.compile and not offloaded)
+        except UnsupportedPrimitive as e:
+            return self.fall_back(str(e))
+        entry = _Entry(replay, graph.meta["out_skeleton"])
+        entry.rng_out = bool(graph.meta.get("rng_outputs"))
+        return entry
+
+    def run(self, entry: _Entry, inputs: List[mx.array]):
+        """Replay; the first run of an entry is guarded so a replay bug falls back."""
+        if entry.checked:
+            out = entry.replay(inputs)
+        else:
+            try:
+                out = entry.replay(inputs)
+            except Exception as e:
+                entry.fallback = f"replay failed: {type(e).__name__}: {e}"
+                self.fall_back(entry.fallback)
+                return None
+            entry.checked = True
+        if entry.rng_out:  # the key after the call's draws, as the unfused draws leave it
+            mx.random.state[0][...] = out[-1]
+        return unflatten_tree(entry.out_skeleton, out)
+
+    def fall_back(self, reason: str, stacklevel: int = 5) -> _Entry:
+        if reason not in self.fallbacks:
+            warnings.warn(f"mlx_fusion: {self.name} runs unfused: {reason}", FusionFallbackWarning,
+                          stacklevel=stacklevel)
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+        return _Entry(fallback=reason)
+
+    def summary(self) -> dict:
+        return {"name": self.name, "traces": len(self.graphs), **self.stats.as_dict(),
+                "fallbacks": dict(self.fallbacks), "split": dict(self.split)}
+
+
+def _offload(graph: Graph, cfg, params, training: bool) -> int:
+    """Run the Core ML offload pass; returns the number of blocks offloaded."""
+    from .coreml.runtime import CoreMLTrainingError, offload_graph
+
+    names = [v.name for v in graph.inputs[: graph.meta.get("num_params", 0)]]
+    try:
+        return offload_graph(graph, cfg, param_values=dict(zip(names, params)), training=training).count
+    except CoreMLTrainingError:
+        raise
+    except Exception as e:  # offload is an optimization: a failure leaves the graph to MLX
+        warnings.warn(f"mlx_fusion: Neural Engine offload failed, running on MLX: {type(e).__name__}: {e}",
+                      FusionFallbackWarning, stacklevel=6)
+        return 0
