@@ -67,8 +67,9 @@ class FusedModule:
         ms = state.extra.get("module_state")
         if ms is None or not ms.valid():
             ms = state.extra["module_state"] = ModuleState(self)
-        if ms.unsafe:
-            return _split(self, state, ms, forward, ms.unsafe, args, kwargs)
+        if ms.unsafe or state.extra.get("writes"):  # keyless, or each call would retrace
+            return _split(self, state, ms, forward, ms.unsafe or state.extra["writes"], args, kwargs)
+        skeleton = None
         if not kwargs and all(type(a) is _array for a in args):
             leaves, structure = list(args), len(args)
         else:
@@ -81,16 +82,28 @@ class FusedModule:
                 return _split(self, state, ms, forward, "a module is passed as an argument", args, kwargs)
         params, flags = ms.read()  # Dropout & co. read their own flag: all are in the key
         key = (cfg, flags, ms.key, structure, signature(params + leaves))
-        entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags))
+        loose = None if skeleton is None else key[:3] + (call_key(skeleton, loose=True), key[4])
+        entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose)
         if entry.fallback is None:
             if entry.direct:
                 return _direct(self, state, forward, entry, args, kwargs)
             out = state.run(entry, params + leaves)
             if entry.fallback is None:
                 return out
-        if entry.fallback.startswith(("could not trace", "writes Python state")):
-            return _split(self, state, ms, forward, entry.fallback, args, kwargs, warned=True)
+        if entry.fallback.startswith(_SPLIT_REASONS):
+            if "writes Python state" in entry.fallback:
+                state.extra["writes"] = entry.fallback
+            return _split(self, state, ms, forward, entry.fallback, args, kwargs)
         return forward(self, *args, **kwargs)
+
+    def fusion_states(self) -> List[Tuple[str, _FusionState]]:
+        """(name, state) of this module and of every child fused by a split call, recursively."""
+        out, todo = [], [self._fusion]
+        while todo:
+            s = todo.pop()
+            out.append((s.name, s))
+            todo += [cs for _, _, _, cs in s.extra.get("children", (None, []))[1]]
+        return out
 
     def clear_fusion_cache(self) -> None:
         """Forget all traces (e.g. after replacing a submodule's code)."""
@@ -122,7 +135,7 @@ def _modules_marks(structure) -> List:
 
 def _direct(module, state, forward, entry, args, kwargs):
     """The original forward; under ``mx.compile`` with the parameters as inputs if the state compiles."""
-    if not state.compile:
+    if not state.compile or entry.eager:
         return forward(module, *args, **kwargs)
     if entry.replay is None:  # one compiled function per entry: its key covers what compile's does not
 
@@ -135,7 +148,7 @@ def _direct(module, state, forward, entry, args, kwargs):
             finally:
                 ms.install(saved)
 
-        entry.replay = compile_like_mlx(call, entry.rng_out)
+        entry.replay = compile_like_mlx(call, entry.rng_out, args, kwargs)
     return entry.replay(state.extra["module_state"].read()[0], *args, **kwargs)
 
 
@@ -156,7 +169,10 @@ def _children(module: nn.Module) -> List[Tuple[str, nn.Module]]:
     return found
 
 
-def _split(module, state: _FusionState, ms: ModuleState, forward, reason: str, args, kwargs, warned=False):
+_SPLIT_REASONS = ("could not trace", "writes Python state")
+
+
+def _split(module, state: _FusionState, ms: ModuleState, forward, reason: str, args, kwargs):
     """Run the module's own forward with its direct children fused (module docstring)."""
     state.split[reason] = state.split.get(reason, 0) + 1
     kids = state.extra.get("children")
@@ -165,7 +181,7 @@ def _split(module, state: _FusionState, ms: ModuleState, forward, reason: str, a
         for path, child in _children(module):
             if isinstance(child, FusedModule):
                 continue
-            cs = _FusionState(f"{state.name}.{path}", state._config, state.compile)
+            cs = _FusionState(f"{state.name}.{path}", state._config, state.compile, split_reasons=_SPLIT_REASONS)
             kids.append((child, type(child), fused_class(type(child)), cs))
         kids = state.extra["children"] = (ms, kids)
     registry = _child_states()
@@ -221,7 +237,7 @@ class _Origin:
 
 def _rebuild(base: type, name: str, config, compile: bool) -> nn.Module:
     obj = fused_class(base).__new__(fused_class(base))
-    object.__setattr__(obj, "_fusion", _FusionState(name, config, compile))
+    object.__setattr__(obj, "_fusion", _FusionState(name, config, compile, split_reasons=_SPLIT_REASONS))
     return obj
 
 
@@ -236,7 +252,7 @@ def fuse_module(module: nn.Module, config, compile: bool) -> nn.Module:
     fused.__dict__.update(module.__dict__)
     fused.__dict__["_no_grad"] = set(module.__dict__.get("_no_grad", ()))
     dict.update(fused, module)
-    state = _FusionState(type(module).__name__, config, compile)
+    state = _FusionState(type(module).__name__, config, compile, split_reasons=_SPLIT_REASONS)
     state.extra["origin"] = _Origin(module)
     object.__setattr__(fused, "_fusion", state)
     return fused

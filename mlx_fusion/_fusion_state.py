@@ -34,12 +34,22 @@ def optimizer_stats():
     return FusionStats()
 
 
-def compile_like_mlx(fn: Callable, random: bool) -> Callable:
-    """``mx.compile(fn)``; one that draws from MLX's global key gets it as state, so each call differs."""
+def compile_like_mlx(fn: Callable, random: bool, args=(), kwargs=None) -> Callable:
+    """``mx.compile(fn)``; one that draws from MLX's global key gets it as state, so each call differs.
+
+    Arguments ``mx.compile`` refuses (NumPy scalars, modules) leave `fn` uncompiled.
+    """
+    from mlx.utils import tree_flatten
+
+    if not all(type(v) in _COMPILE_LEAVES for _, v in tree_flatten((args, kwargs or {}))):
+        return fn
     if random:
         state = [mx.random.state]
         return mx.compile(fn, inputs=state, outputs=state)
     return mx.compile(fn)
+
+
+_COMPILE_LEAVES = (mx.array, int, float, str, bool, type(None))
 
 
 def signature(leaves: List[mx.array]) -> tuple:
@@ -49,21 +59,28 @@ def signature(leaves: List[mx.array]) -> tuple:
 class _Entry:
     """One cached trace: its replay and output skeleton, the direct path, or the fallback reason."""
 
-    __slots__ = ("replay", "out_skeleton", "fallback", "checked", "direct", "rng_out", "split")
+    __slots__ = ("replay", "out_skeleton", "fallback", "checked", "direct", "rng_out", "split", "eager")
 
     def __init__(self, replay=None, out_skeleton=None, fallback: Optional[str] = None):
         self.replay, self.out_skeleton, self.fallback, self.checked = replay, out_skeleton, fallback, False
         self.direct = False  # the trace fused nothing: run the original callable
         self.rng_out = False  # the last replay output is the global key after the call
         self.split = False  # modules: run the forward with fused children (see _fused_module)
+        self.eager = False  # direct, and run eagerly even when the state compiles (see `entry`)
+
+
+_EAGER = _Entry()
+_EAGER.direct = _EAGER.eager = True
 
 
 class _FusionState:
     """Cache, graphs and statistics of one fused object."""
 
-    def __init__(self, name: str, config, compile: bool):
+    def __init__(self, name: str, config, compile: bool, split_reasons: tuple = ()):
         self.name, self._config, self.compile = name, config, compile
+        self.split_reasons = split_reasons  # modules: fallbacks that still run fused children
         self.cache: Dict[Any, _Entry] = {}
+        self.loose: Dict[Any, _Entry] = {}  # first entry per loose key (see `entry`)
         self.graphs: List[Graph] = []
         self.stats = optimizer_stats()
         self.fallbacks: Dict[str, int] = {}  # reason -> number of traces that fell back
@@ -78,10 +95,24 @@ class _FusionState:
 
         return get_config()
 
-    def entry(self, key, make_graph: Callable[[], Graph], cfg, params=(), training=False) -> _Entry:
+    def entry(self, key, make_graph: Callable[[], Graph], cfg, params=(), training=False, loose=None) -> _Entry:
+        """The entry for `key`, tracing on a miss.
+
+        `loose` is the key with Python scalars keyed by type only. A miss whose
+        loose key belongs to an entry that fused nothing runs the original
+        eagerly without a trace: a scalar that changes every call (RoPE's
+        ``offset`` during decoding) would otherwise retrace, and recompile,
+        each call for nothing.
+        """
         entry = self.cache.get(key)
         if entry is None:
+            if loose is not None:
+                seen = self.loose.get(loose)
+                if seen is not None and seen.direct:
+                    return _EAGER
             entry = self.cache[key] = self._build(make_graph, cfg, params, training)
+            if loose is not None:
+                self.loose.setdefault(loose, entry)
         return entry
 
     def _build(self, make_graph, cfg, params=(), training=False) -> _Entry:
@@ -132,8 +163,9 @@ class _FusionState:
 
     def fall_back(self, reason: str, stacklevel: int = 5) -> _Entry:
         if reason not in self.fallbacks:
-            warnings.warn(f"mlx_fusion: {self.name} runs unfused: {reason}", FusionFallbackWarning,
-                          stacklevel=stacklevel)
+            how = ("runs its own code unfused (its child modules still fused)" if reason.startswith(self.split_reasons)
+                   else "runs unfused")
+            warnings.warn(f"mlx_fusion: {self.name} {how}: {reason}", FusionFallbackWarning, stacklevel=stacklevel)
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
         return _Entry(fallback=reason)
 

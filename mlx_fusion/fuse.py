@@ -61,9 +61,9 @@ class FusedFunction:
         if tracing():  # called by code another fused object traces: plain MLX ops
             return self._fn(*args, **kwargs)
         cfg = state.config()
-        if not cfg.enabled:
+        if not cfg.enabled or state.extra.get("writes"):  # code that writes state would retrace every call
             return self._fn(*args, **kwargs)
-        states = []
+        states, skeleton = [], None
         if not kwargs and all(type(a) is mx.array for a in args):
             leaves, structure = list(args), len(args)  # the common case, without a tree walk
         else:
@@ -84,18 +84,21 @@ class FusedFunction:
             params += p
             modules_key.append((s.key, flags))
         key = (cfg, structure, tuple(modules_key), signature(params + leaves))
+        loose = None if skeleton is None else (cfg, call_key(skeleton, loose=True)) + key[2:]
         entry = state.entry(key, lambda: _trace_flat(self._fn, states, args, kwargs, function_roots(self._fn)),
-                            cfg, params)
+                            cfg, params, loose=loose)
         if entry.fallback is None:
             if entry.direct:
-                if not state.compile or states:  # mx.compile cannot take modules as arguments
+                if not state.compile or states or entry.eager:  # mx.compile cannot take modules as arguments
                     return self._fn(*args, **kwargs)
                 if entry.replay is None:
-                    entry.replay = compile_like_mlx(self._fn, entry.rng_out)
+                    entry.replay = compile_like_mlx(self._fn, entry.rng_out, args, kwargs)
                 return entry.replay(*args, **kwargs)
             out = state.run(entry, params + leaves)
             if entry.fallback is None:
                 return out
+        elif "writes Python state" in entry.fallback:
+            state.extra["writes"] = entry.fallback
         return self._fn(*args, **kwargs)
 
     def _module_state(self, m: nn.Module) -> ModuleState:

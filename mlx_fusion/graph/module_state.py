@@ -69,7 +69,7 @@ def _attr_key(v: Any, depth: int = 0) -> Any:
             return (type(v), tuple((k, _attr_key(x, 1)) for k, x in vars(v).items()))
         if isinstance(v, np.ndarray):
             return ("ndarray", v.shape, str(v.dtype), v.tobytes())
-        if isinstance(v, (list, dict, set)) and depth == 0:
+        if isinstance(v, (list, dict, set)) and depth <= 1:  # e.g. a config's rope_scaling dict
             return (type(v), repr(v))
         raise
 
@@ -112,7 +112,7 @@ class ModuleState:
                 elif not isinstance(v, mx.array):
                     static.append((f"{where}.{k}", self._key(v, f"{where}.{k}")))
 
-        visit(module, type(module).__name__)
+        visit(module, _name(module))
         slots, self.paths, self.slots = {}, [], []
         for path, _ in tree_flatten(module.parameters()):
             c = module
@@ -168,6 +168,13 @@ class ModuleState:
                 dict.__setitem__(c, k, a)
             else:
                 c[k] = a
+
+
+def _name(m) -> str:
+    cls = type(m)
+    if cls.__name__.startswith("Fused") and len(cls.__bases__) == 2:  # fuse's subclass: the user's name
+        cls = cls.__bases__[1]
+    return cls.__name__
 
 
 def _is(a, b) -> bool:

@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .._tracing import trace_scope
 from .guard import Snapshot
 from .ir import Graph, Node, Value
-from .module_state import ModuleState, Unsafe, static_key
+from .module_state import ModuleState, Unsafe, _name, static_key
 
 __all__ = [
     "TraceError",
@@ -91,27 +91,33 @@ def unflatten_tree(skeleton: Any, leaves: List[mx.array]) -> Any:
     return tree_map(lambda v: leaves[v.index] if isinstance(v, Slot) else v, skeleton, is_leaf=_is_module)
 
 
-def call_key(skeleton: Any, where: str = "argument") -> Any:
+def call_key(skeleton: Any, where: str = "", loose: bool = False) -> Any:
     """A hashable key for a skeleton: container types, dict keys and static leaves.
 
-    Static leaves are keyed by type and value (`static_key`); modules by
-    position (their own key comes from `ModuleState`). Raises `Unsafe`
-    naming the first leaf that a trace would bake in but cannot key (a NumPy
-    array, a cache object): such a call must not be replayed.
+    Static leaves are keyed by type and value (`static_key`; with `loose`, by
+    type only); modules by position (their own key comes from `ModuleState`).
+    Raises `Unsafe` naming the first leaf that a trace would bake in but cannot
+    key (a NumPy array, a cache object): such a call must not be replayed. A
+    skeleton of ``(args, kwargs)`` names leaves ``args[i]`` / ``kwargs['k']``.
     """
     t = type(skeleton)
+    if not where and t is tuple and len(skeleton) == 2 and type(skeleton[1]) is dict:
+        args, kwargs = skeleton
+        return ((tuple,) + tuple(call_key(v, f"args[{i}]", loose) for i, v in enumerate(args)),
+                (dict,) + tuple((k, call_key(v, f"kwargs[{k!r}]", loose)) for k, v in kwargs.items()))
     if t is list or t is tuple:
-        return (t,) + tuple(call_key(v, f"{where}[{i}]") for i, v in enumerate(skeleton))
+        return (t,) + tuple(call_key(v, f"{where}[{i}]", loose) for i, v in enumerate(skeleton))
     if t is dict:
-        return (dict,) + tuple((static_key(k), call_key(v, f"{where}[{k!r}]")) for k, v in skeleton.items())
+        return (dict,) + tuple((static_key(k), call_key(v, f"{where}[{k!r}]", loose)) for k, v in skeleton.items())
     if t is Slot:
         return skeleton
     if isinstance(skeleton, nn.Module):
         return ("module",)
     try:
-        return static_key(skeleton)
+        key = static_key(skeleton)
     except Unsafe as e:
-        raise Unsafe(f"{where} is {e}") from None
+        raise Unsafe(f"{where or 'the argument'} is {e}") from None
+    return (t,) if loose else key
 
 
 def structure_key(skeleton: Any) -> Any:
@@ -232,11 +238,11 @@ def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs
     params = [p for s in states for p in s.read()[0]]
     n = len(params)
     out_info: Dict[str, Any] = {}
-    walked = [(type(s.modules[0]).__name__, s.modules[0]) for s in states] + list(roots)
+    walked = [(_name(s.modules[0]), s.modules[0]) for s in states] + list(roots)
     walked += [(f"args[{i}]", a) for i, a in enumerate(args)] + [(k, v) for k, v in kwargs.items()]
     snapshot = Snapshot(walked, params_of=[m for s in states for m in s.modules])
     per_state = [s.read()[0] for s in states]
-    paths = [f"{type(s.modules[0]).__name__}.{p}" for s in states for p in s.paths]
+    paths = [f"{_name(s.modules[0])}.{p}" for s in states for p in s.paths]
 
     def flat_fn(*flat):
         i = 0
@@ -354,5 +360,5 @@ def trace_module_with(state: ModuleState, forward: Callable, args: tuple, kwargs
     more = [ModuleState(m) for m in _modules_in((args, kwargs)) if m is not module]
     g = _trace_flat(lambda *a, **k: forward(module, *a, **k), [state] + more, args, kwargs)
     g.meta["input_paths"] = [f"params.{p}" for p in state.paths] + g.meta["input_paths"]
-    g.meta["source"] = type(module).__name__
+    g.meta["source"] = _name(module)
     return g
