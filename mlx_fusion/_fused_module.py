@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from operator import is_
 from typing import List, Tuple
 
 import mlx.nn as nn
@@ -33,6 +34,7 @@ from .graph.module_state import Unsafe
 __all__ = ["FusedModule", "fuse_module", "fused_class"]
 
 _local = threading.local()  # id(child) -> its _FusionState while a split call runs
+_SPLIT_REASONS = ("could not trace", "writes Python state")
 
 
 def _child_states() -> dict:
@@ -42,8 +44,9 @@ def _child_states() -> dict:
     return d
 
 
-def _state_of(m) -> "_FusionState | None":
-    return m.__dict__.get("_fusion") or _child_states().get(id(m))
+@functools.lru_cache(maxsize=None)
+def _forward_of(cls: type):
+    return super(FusedModule, cls).__call__
 
 
 class FusedModule:
@@ -54,46 +57,47 @@ class FusedModule:
     fusion_fallbacks = property(lambda self: self._fusion.fallbacks)
 
     def __call__(self, *args, **kwargs):
-        forward = super(FusedModule, type(self)).__call__
-        state = _state_of(self)
+        forward = _forward_of(type(self))
+        state = self.__dict__.get("_fusion") or _child_states().get(id(self))
         if state is None or tracing():  # inside a trace (or a child seen from another thread): plain MLX
             return forward(self, *args, **kwargs)
+        state.calls += 1
         cfg = state.config()
         if not cfg.enabled:
             return forward(self, *args, **kwargs)
-        origin = state.extra.get("origin")
-        if origin is not None:
-            origin.pull(self)
-        ms = state.extra.get("module_state")
-        if ms is None or not ms.valid():
-            ms = state.extra["module_state"] = ModuleState(self)
-        if ms.unsafe or state.extra.get("writes"):  # keyless, or each call would retrace
-            return _split(self, state, ms, forward, ms.unsafe or state.extra["writes"], args, kwargs)
+        if state.origin is not None:
+            state.origin.pull(self)
         skeleton = None
         if not kwargs and all(type(a) is _array for a in args):
-            leaves, structure = list(args), len(args)
+            leaves, structure = args, len(args)
         else:
             leaves, skeleton = flatten_tree((args, kwargs))
             try:
                 structure = call_key(skeleton)
-            except Unsafe as e:
-                return _split(self, state, ms, forward, str(e), args, kwargs)
-            if ("module",) in _modules_marks(structure):
-                return _split(self, state, ms, forward, "a module is passed as an argument", args, kwargs)
+            except Unsafe as e:  # a cache object: attention and cache stay plain MLX
+                return _split(self, state, forward, str(e), args, kwargs)
+            if _has_module(structure):
+                return _split(self, state, forward, "a module is passed as an argument", args, kwargs)
+        ms = state.module_state
+        if ms is None or not ms.valid():
+            ms = state.module_state = ModuleState(self)
+        if ms.unsafe or state.writes:  # keyless, or each call would retrace
+            return _split(self, state, forward, ms.unsafe or state.writes, args, kwargs)
         params, flags = ms.read()  # Dropout & co. read their own flag: all are in the key
-        key = (cfg, flags, ms.key, structure, signature(params + leaves))
-        loose = None if skeleton is None else key[:3] + (call_key(skeleton, loose=True), key[4])
+        key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
+               signature(leaves))
+        loose = None if skeleton is None else key[:3] + (call_key(skeleton, loose=True),) + key[4:]
         entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose)
         if entry.fallback is None:
             if entry.direct:
-                return _direct(self, state, forward, entry, args, kwargs)
-            out = state.run(entry, params + leaves)
+                return _direct(self, state, forward, entry, params, args, kwargs)
+            out = state.run(entry, params + list(leaves))
             if entry.fallback is None:
                 return out
         if entry.fallback.startswith(_SPLIT_REASONS):
             if "writes Python state" in entry.fallback:
-                state.extra["writes"] = entry.fallback
-            return _split(self, state, ms, forward, entry.fallback, args, kwargs)
+                state.writes = entry.fallback
+            return _split(self, state, forward, entry.fallback, args, kwargs)
         return forward(self, *args, **kwargs)
 
     def fusion_states(self) -> List[Tuple[str, _FusionState]]:
@@ -102,13 +106,15 @@ class FusedModule:
         while todo:
             s = todo.pop()
             out.append((s.name, s))
-            todo += [cs for _, _, _, cs in s.extra.get("children", (None, []))[1]]
+            todo += [kid[3] for kid in s.kids.values()]
         return out
 
     def clear_fusion_cache(self) -> None:
         """Forget all traces (e.g. after replacing a submodule's code)."""
-        self._fusion.cache.clear()
-        self._fusion.extra.pop("children", None)
+        for _, s in self.fusion_states():
+            s.cache.clear()
+            s.loose.clear()
+            s.writes, s.inert, s.calls, s.fused = None, False, 0, 0
 
     def __reduce_ex__(self, protocol):
         # copy.deepcopy and pickle: the same module with a fresh (empty) trace cache.
@@ -118,29 +124,20 @@ class FusedModule:
         return _rebuild, (base, f.name, f._config, f.compile), attrs, None, iter(dict.items(self))
 
 
-def _modules_marks(structure) -> List:
-    out = []
-
-    def walk(s):
-        if isinstance(s, tuple):
-            if s == ("module",):
-                out.append(s)
-            else:
-                for x in s:
-                    walk(x)
-
-    walk(structure)
-    return out
+def _has_module(structure) -> bool:
+    if type(structure) is tuple:
+        return structure == ("module",) or any(_has_module(s) for s in structure)
+    return False
 
 
-def _direct(module, state, forward, entry, args, kwargs):
+def _direct(module, state, forward, entry, params, args, kwargs):
     """The original forward; under ``mx.compile`` with the parameters as inputs if the state compiles."""
     if not state.compile or entry.eager:
         return forward(module, *args, **kwargs)
     if entry.replay is None:  # one compiled function per entry: its key covers what compile's does not
 
         def call(params, *a, **k):
-            ms = state.extra["module_state"]
+            ms = state.module_state
             saved = ms.read()[0]
             ms.install(params)
             try:
@@ -149,7 +146,7 @@ def _direct(module, state, forward, entry, args, kwargs):
                 ms.install(saved)
 
         entry.replay = compile_like_mlx(call, entry.rng_out, args, kwargs)
-    return entry.replay(state.extra["module_state"].read()[0], *args, **kwargs)
+    return entry.replay(params, *args, **kwargs)
 
 
 def _children(module: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -169,33 +166,42 @@ def _children(module: nn.Module) -> List[Tuple[str, nn.Module]]:
     return found
 
 
-_SPLIT_REASONS = ("could not trace", "writes Python state")
+def _inert(s: _FusionState) -> bool:
+    """A child not worth swapping in any more: called twice or more, and nothing in it fused.
+
+    Each fused call costs a key check; a split model (decoding with a cache)
+    makes one per child per token. Children whose traces fused nothing (a
+    projection, a norm, RoPE) and split children whose own children are all
+    inert then run as plain MLX. Only speed depends on this: a fusion a later
+    shape would have found is missed, never a result changed.
+    """
+    if not s.inert and s.calls >= 2 and s.fused == 0 and all(_inert(k[3]) for k in s.kids.values()):
+        s.inert = True
+    return s.inert
 
 
-def _split(module, state: _FusionState, ms: ModuleState, forward, reason: str, args, kwargs):
+def _split(module, state: _FusionState, forward, reason: str, args, kwargs):
     """Run the module's own forward with its direct children fused (module docstring)."""
     state.split[reason] = state.split.get(reason, 0) + 1
-    kids = state.extra.get("children")
-    if kids is None or kids[0] is not ms:
-        kids = []
-        for path, child in _children(module):
-            if isinstance(child, FusedModule):
-                continue
-            cs = _FusionState(f"{state.name}.{path}", state._config, state.compile, split_reasons=_SPLIT_REASONS)
-            kids.append((child, type(child), fused_class(type(child)), cs))
-        kids = state.extra["children"] = (ms, kids)
     registry = _child_states()
     swapped = []
     try:
-        for child, cls, fused, cs in kids[1]:
-            if type(child) is not cls:
-                continue  # already swapped by an enclosing call, or changed: leave it
+        for path, child in _children(module):
+            cls = type(child)
+            if isinstance(child, FusedModule):
+                continue  # fused by the user, or swapped by an enclosing call
+            kid = state.kids.get(id(child))
+            if kid is None or kid[0] is not child or kid[1] is not cls:
+                cs = _FusionState(f"{state.name}.{path}", state._config, state.compile, split_reasons=_SPLIT_REASONS)
+                kid = state.kids[id(child)] = (child, cls, fused_class(cls), cs)
+            elif _inert(kid[3]):
+                continue
             try:
-                child.__class__ = fused
+                child.__class__ = kid[2]
             except TypeError:  # a class whose layout forbids the swap stays unfused
                 continue
             swapped.append((child, cls, registry.get(id(child))))
-            registry[id(child)] = cs
+            registry[id(child)] = kid[3]
         return forward(module, *args, **kwargs)
     finally:
         for child, cls, previous in swapped:
@@ -216,12 +222,12 @@ class _Origin:
     def _snap(self):
         m = self.module
         self.items, self.attrs = dict(dict.items(m)), dict(m.__dict__)
+        self.values, self.attr_values = tuple(dict.values(m)), tuple(m.__dict__.values())
 
     def pull(self, fused: nn.Module) -> None:
         m = self.module
-        if (len(m) == len(self.items) and all(m[k] is v for k, v in self.items.items())
-                and len(m.__dict__) == len(self.attrs) and all(m.__dict__.get(k, self) is v
-                                                               for k, v in self.attrs.items())):
+        if (len(m) == len(self.values) and all(map(is_, dict.values(m), self.values))
+                and len(m.__dict__) == len(self.attr_values) and all(map(is_, m.__dict__.values(), self.attr_values))):
             return
         for k in self.items:
             if k not in m:
@@ -253,7 +259,7 @@ def fuse_module(module: nn.Module, config, compile: bool) -> nn.Module:
     fused.__dict__["_no_grad"] = set(module.__dict__.get("_no_grad", ()))
     dict.update(fused, module)
     state = _FusionState(type(module).__name__, config, compile, split_reasons=_SPLIT_REASONS)
-    state.extra["origin"] = _Origin(module)
+    state.origin = _Origin(module)
     object.__setattr__(fused, "_fusion", state)
     return fused
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from operator import is_
 from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
 
+from .config import get_config
 from .graph.interpreter import UnsupportedPrimitive, plan
 from .graph.ir import Graph
+from .graph.module_state import Hashed
 from .graph.trace import TraceError, unflatten_tree
 
-__all__ = ["FusionFallbackWarning", "REGISTRY", "optimizer_stats"]
+__all__ = ["FusionFallbackWarning", "REGISTRY", "optimizer_stats", "Hashed"]
 
 
 class FusionFallbackWarning(UserWarning):
@@ -52,8 +55,8 @@ def compile_like_mlx(fn: Callable, random: bool, args=(), kwargs=None) -> Callab
 _COMPILE_LEAVES = (mx.array, int, float, str, bool, type(None))
 
 
-def signature(leaves: List[mx.array]) -> tuple:
-    return tuple((a.shape, a.dtype) for a in leaves)
+def signature(leaves) -> tuple:
+    return tuple([(a.shape, a.dtype) for a in leaves])
 
 
 class _Entry:
@@ -85,15 +88,35 @@ class _FusionState:
         self.stats = optimizer_stats()
         self.fallbacks: Dict[str, int] = {}  # reason -> number of traces that fell back
         self.split: Dict[str, int] = {}  # modules: reason -> calls run with fused children instead
-        self.extra: Dict[str, Any] = {}  # per-kind helpers (module states, compiled originals)
+        self.extra: Dict[str, Any] = {}  # functions: ModuleStates of module arguments
+        self.writes: Optional[str] = None  # the code writes Python state: never trace again
+        # Modules only: the original (`_Origin`), the current ModuleState, the
+        # children of split calls (id -> (child, class, fused class, state)).
+        self.origin, self.module_state, self.kids = None, None, {}
+        self.calls, self.fused, self.inert = 0, 0, False  # see _fused_module._inert
+        self._last = (None, None, None, None)  # (config, its key, params, their signature)
         REGISTRY.add(self)
 
     def config(self):
-        if self._config is not None:
-            return self._config
-        from .config import get_config
+        return self._config if self._config is not None else get_config()
 
-        return get_config()
+    def config_key(self, cfg) -> "Hashed":
+        """`cfg` as a key part with its hash computed once (a dataclass hashes all its fields)."""
+        last = self._last
+        if cfg is last[0]:
+            return last[1]
+        key = Hashed(cfg)
+        self._last = (cfg, key) + last[2:]
+        return key
+
+    def params_signature(self, params: List[mx.array]) -> tuple:
+        """`signature(params)`, reused while the very same arrays are passed (inference)."""
+        last = self._last
+        if last[2] is not None and len(params) == len(last[2]) and all(map(is_, params, last[2])):
+            return last[3]
+        sig = signature(params)
+        self._last = last[:2] + (params, sig)
+        return sig
 
     def entry(self, key, make_graph: Callable[[], Graph], cfg, params=(), training=False, loose=None) -> _Entry:
         """The entry for `key`, tracing on a miss.
@@ -141,6 +164,7 @@ class _FusionState:
             replay = plan(graph, compile=self.compile and not offloaded)
         except UnsupportedPrimitive as e:
             return self.fall_back(str(e))
+        self.fused += 1
         entry = _Entry(replay, graph.meta["out_skeleton"])
         entry.rng_out = bool(graph.meta.get("rng_outputs"))
         return entry

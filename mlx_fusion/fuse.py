@@ -61,11 +61,11 @@ class FusedFunction:
         if tracing():  # called by code another fused object traces: plain MLX ops
             return self._fn(*args, **kwargs)
         cfg = state.config()
-        if not cfg.enabled or state.extra.get("writes"):  # code that writes state would retrace every call
+        if not cfg.enabled or state.writes:  # code that writes state would retrace every call
             return self._fn(*args, **kwargs)
         states, skeleton = [], None
         if not kwargs and all(type(a) is mx.array for a in args):
-            leaves, structure = list(args), len(args)  # the common case, without a tree walk
+            leaves, structure = args, len(args)  # the common case, without a tree walk
         else:
             leaves, skeleton = flatten_tree((args, kwargs))
             try:
@@ -82,8 +82,8 @@ class FusedFunction:
         for s in states:
             p, flags = s.read()
             params += p
-            modules_key.append((s.key, flags))
-        key = (cfg, structure, tuple(modules_key), signature(params + leaves))
+            modules_key.append((s.hkey, flags))
+        key = (state.config_key(cfg), structure, tuple(modules_key), signature(params), signature(leaves))
         loose = None if skeleton is None else (cfg, call_key(skeleton, loose=True)) + key[2:]
         entry = state.entry(key, lambda: _trace_flat(self._fn, states, args, kwargs, function_roots(self._fn)),
                             cfg, params, loose=loose)
@@ -94,11 +94,11 @@ class FusedFunction:
                 if entry.replay is None:
                     entry.replay = compile_like_mlx(self._fn, entry.rng_out, args, kwargs)
                 return entry.replay(*args, **kwargs)
-            out = state.run(entry, params + leaves)
+            out = state.run(entry, params + list(leaves))
             if entry.fallback is None:
                 return out
         elif "writes Python state" in entry.fallback:
-            state.extra["writes"] = entry.fallback
+            state.writes = entry.fallback
         return self._fn(*args, **kwargs)
 
     def _module_state(self, m: nn.Module) -> ModuleState:

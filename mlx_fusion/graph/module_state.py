@@ -16,6 +16,8 @@ trace installs one tracer per array, not two that overwrite each other.
 from __future__ import annotations
 
 import types
+from itertools import chain
+from operator import getitem, is_
 from typing import Any, List, Tuple
 
 import mlx.core as mx
@@ -23,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-__all__ = ["ModuleState", "static_key", "Unsafe"]
+__all__ = ["ModuleState", "static_key", "Unsafe", "Hashed"]
 
 # Attributes the key leaves out: fuse's own bookkeeping, and the set of frozen
 # names (it changes gradients, which `value_and_grad` handles, not the forward).
@@ -126,6 +128,16 @@ class ModuleState:
                 self.paths.append(path)
         self.paths = tuple(self.paths)
         self.key = (tuple(type(m) for m in self.modules), self.paths, tuple(static))
+        self.hkey = Hashed(self.key)
+        # `valid` in a few C-level loops: parents and keys of the edges, all sizes, all attribute values.
+        self._parents = tuple(c for c, _, _ in self.edges)
+        self._keys = tuple(k for _, k, _ in self.edges)
+        self._kids = tuple(v for _, _, v in self.edges)
+        self._sized = tuple(c for c, _ in self.sizes)
+        self._lens = tuple(n for _, n in self.sizes) + tuple(n for _, _, n in self.attrs)
+        self._dicts = tuple(d for d, _, _ in self.attrs)
+        self._sized += self._dicts
+        self._values = tuple(v for _, vals, _ in self.attrs for v in vals)
 
     def _attributes(self, m: nn.Module, where: str, static: list) -> None:
         d = m.__dict__
@@ -146,16 +158,9 @@ class ModuleState:
 
     def valid(self) -> bool:
         """Whether the tree still has the layout and attributes this state was built from."""
-        for c, k, v in self.edges:
-            if c[k] is not v:
-                return False
-        for c, n in self.sizes:
-            if len(c) != n:
-                return False
-        for d, values, n in self.attrs:
-            if len(d) != n or not all(map(_is, d.values(), values)):
-                return False
-        return True
+        return (tuple(map(len, self._sized)) == self._lens
+                and all(map(is_, map(getitem, self._parents, self._keys), self._kids))
+                and all(map(is_, chain.from_iterable(map(dict.values, self._dicts)), self._values)))
 
     def read(self) -> Tuple[List[mx.array], tuple]:
         """(unique parameters in `paths` order, train flags of every module)."""
@@ -177,5 +182,16 @@ def _name(m) -> str:
     return cls.__name__
 
 
-def _is(a, b) -> bool:
-    return a is b
+class Hashed:
+    """The key with its hash computed once (it can be large: one entry per attribute)."""
+
+    __slots__ = ("value", "hash")
+
+    def __init__(self, value):
+        self.value, self.hash = value, hash(value)
+
+    def __hash__(self):
+        return self.hash
+
+    def __eq__(self, other):
+        return self is other or (type(other) is Hashed and self.hash == other.hash and self.value == other.value)
