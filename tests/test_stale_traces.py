@@ -303,6 +303,10 @@ def test_output_object_holding_arrays():
     with pytest.warns(FusionFallbackWarning):
         out = f(X)
     close(out.y, nn.relu(X))
+    g = fuse(lambda x: (nn.relu(x), fn(x)), ALL)
+    with pytest.warns(FusionFallbackWarning, match="the output"):
+        a, o = g(X)
+    close(o.y, a)
 
 
 # -- aliasing, checkpoint, methods --------------------------------------------------------------
@@ -395,3 +399,45 @@ def test_deepcopy_and_pickle_after_first_call():
     p = pickle.loads(pickle.dumps(f))
     close(p(X), f(X))
     assert type(p).__name__ == type(f).__name__ and isinstance(p, Scaled)
+
+
+# -- split: a module that cannot be traced whole runs its forward with fused children -----------
+class WithNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm(8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.steps = 0
+
+    def __call__(self, x):
+        self.steps += 1  # writes its own state: cannot be traced whole
+        return self.mlp(self.bn(x))
+
+
+def test_split_module_matches_values_grads_and_state():
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    mx.random.seed(0)
+    ref = WithNorm()
+    model = WithNorm()
+    model.update(ref.parameters())
+    fused = fuse(model, ALL, compile=False)
+    loss = lambda m, x: (m(x) ** 2).mean()  # noqa: E731
+    opt, opt_ref = optim.SGD(learning_rate=0.1), optim.SGD(learning_rate=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            l, g = nn.value_and_grad(fused, loss)(fused, X)
+            opt.update(fused, g)
+            l_ref, g_ref = nn.value_and_grad(ref, loss)(ref, X)
+            opt_ref.update(ref, g_ref)
+            np.testing.assert_allclose(l.item(), l_ref.item(), rtol=1e-5)
+    msgs = fallback_warnings(caught)  # once each: WithNorm (steps) and its BatchNorm child (running stats)
+    assert len(msgs) == 2 and "WithNorm.steps" in msgs[0] and "BatchNorm.running_mean" in msgs[1], msgs
+    for (k, a), (_, b) in zip(tree_flatten(fused.parameters()), tree_flatten(ref.parameters())):
+        close(a, b, atol=1e-5)
+    close(fused.bn.running_mean, ref.bn.running_mean)
+    assert fused.steps == 3
+    kids = dict(fused.fusion_states())
+    assert kids["WithNorm.mlp"].stats.applied_count >= 1  # the MLP child was traced and fused

@@ -167,7 +167,11 @@ def _export(flat_fn: Callable, flat_inputs: List[mx.array]) -> List[dict]:
     except TraceError:
         raise
     except Exception as e:  # export reports every failure as a plain exception
-        raise TraceError(f"{type(e).__name__}: {e}") from e
+        hint = ""
+        if "CustomTransforms" in str(e):
+            hint = (" (an mx.custom_function or mx.checkpoint inside: nn.utils.checkpoint, an mlx_fusion op,"
+                    " a custom vjp)")
+        raise TraceError(f"{type(e).__name__}: {e}{hint}") from e
     finally:
         if enabled:
             mx.enable_compile()
@@ -254,6 +258,10 @@ def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs
         outs, out_info["skeleton"] = flatten_tree(fn(*a, **k))
         if not outs:
             raise TraceError("the function returns no arrays")
+        try:  # an output object holding arrays would be returned as traced, tracers and all
+            call_key(out_info["skeleton"], "the output")
+        except Unsafe as e:
+            raise TraceError(f"{e}, not an array or a list/tuple/dict of arrays") from None
         # A module that replaced its own arrays (BatchNorm's running stats), or
         # code that appends to an argument, would lose those writes in a replay.
         now = [p for s in states for p in s.read()[0]]
