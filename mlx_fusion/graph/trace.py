@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .._tracing import trace_scope
@@ -94,8 +95,8 @@ def unflatten_tree(skeleton: Any, leaves: List[mx.array]) -> Any:
 def call_key(skeleton: Any, where: str = "", loose: bool = False) -> Any:
     """A hashable key for a skeleton: container types, dict keys and static leaves.
 
-    Static leaves are keyed by type and value (`static_key`; with `loose`, by
-    type only); modules by position (their own key comes from `ModuleState`).
+    Static leaves are keyed by type and value (`static_key`; with `loose`,
+    numbers by type only); modules by position (their own key comes from `ModuleState`).
     Raises `Unsafe` naming the first leaf that a trace would bake in but cannot
     key (a NumPy array, a cache object): such a call must not be replayed. A
     skeleton of ``(args, kwargs)`` names leaves ``args[i]`` / ``kwargs['k']``.
@@ -117,7 +118,7 @@ def call_key(skeleton: Any, where: str = "", loose: bool = False) -> Any:
         key = static_key(skeleton)
     except Unsafe as e:
         raise Unsafe(f"{where or 'the argument'} is {e}") from None
-    return (t,) if loose else key
+    return (t,) if loose and (t is int or t is float or isinstance(skeleton, np.number)) else key
 
 
 def structure_key(skeleton: Any) -> Any:
@@ -152,7 +153,7 @@ def _compile_enabled() -> bool:
 
     f = mx.compile(probe)
     f(mx.array(0)), f(mx.array(0))
-    return len(calls) == 1
+    return len(calls) <= 1  # enabled: traced once (or never, if MLX found a cached trace)
 
 
 def _export(flat_fn: Callable, flat_inputs: List[mx.array]) -> List[dict]:
