@@ -28,7 +28,7 @@ import mlx.nn as nn
 from ._fusion_state import _FusionState, compile_like_mlx, signature
 from ._tracing import tracing
 from .graph.module_state import ModuleState
-from .graph.trace import call_key, flatten_tree, trace_module_with
+from .graph.trace import call_key, flatten_call, flatten_tree, trace_module_with
 from .graph.module_state import Unsafe
 
 __all__ = ["FusedModule", "fuse_module", "fused_class"]
@@ -67,16 +67,14 @@ class FusedModule:
             return forward(self, *args, **kwargs)
         if state.origin is not None:
             state.origin.pull(self)
-        skeleton = None
         if not kwargs and all(type(a) is _array for a in args):
             leaves, structure = args, len(args)
         else:
-            leaves, skeleton = flatten_tree((args, kwargs))
             try:
-                structure = call_key(skeleton)
+                leaves, structure, modules = flatten_call(args, kwargs)
             except Unsafe as e:  # a cache object: attention and cache stay plain MLX
                 return _split(self, state, forward, str(e), args, kwargs)
-            if _has_module(structure):
+            if modules:
                 return _split(self, state, forward, "a module is passed as an argument", args, kwargs)
         ms = state.module_state
         if ms is None or not ms.valid():
@@ -86,7 +84,7 @@ class FusedModule:
         params, flags = ms.read()  # Dropout & co. read their own flag: all are in the key
         key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
                signature(leaves))
-        loose = None if skeleton is None else key[:3] + (call_key(skeleton, loose=True),) + key[4:]
+        loose = None if type(structure) is int else (lambda: key[:3] + (_loose(args, kwargs),) + key[4:])
         entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose)
         if entry.fallback is None:
             if entry.direct:
@@ -124,10 +122,8 @@ class FusedModule:
         return _rebuild, (base, f.name, f._config, f.compile), attrs, None, iter(dict.items(self))
 
 
-def _has_module(structure) -> bool:
-    if type(structure) is tuple:
-        return structure == ("module",) or any(_has_module(s) for s in structure)
-    return False
+def _loose(args, kwargs):
+    return call_key(flatten_tree((args, kwargs))[1], loose=True)
 
 
 def _direct(module, state, forward, entry, params, args, kwargs):

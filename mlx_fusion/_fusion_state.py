@@ -121,7 +121,7 @@ class _FusionState:
     def entry(self, key, make_graph: Callable[[], Graph], cfg, params=(), training=False, loose=None) -> _Entry:
         """The entry for `key`, tracing on a miss.
 
-        `loose` is the key with Python scalars keyed by type only. A miss whose
+        `loose()` gives the key with numbers keyed by type only. A miss whose
         loose key belongs to an entry that fused nothing runs the original
         eagerly without a trace: a scalar that changes every call (RoPE's
         ``offset`` during decoding) would otherwise retrace, and recompile,
@@ -129,6 +129,7 @@ class _FusionState:
         """
         entry = self.cache.get(key)
         if entry is None:
+            loose = loose() if loose is not None else None
             if loose is not None:
                 seen = self.loose.get(loose)
                 if seen is not None and seen.direct:

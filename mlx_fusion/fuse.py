@@ -27,7 +27,7 @@ from ._fused_module import FusedModule, fuse_module
 from ._fusion_state import REGISTRY, FusionFallbackWarning, _FusionState, compile_like_mlx, optimizer_stats, signature
 from ._tracing import tracing
 from .graph.module_state import ModuleState, Unsafe
-from .graph.trace import _modules_in, _trace_flat, call_key, flatten_tree, function_roots
+from .graph.trace import _trace_flat, call_key, flatten_call, flatten_tree, function_roots
 
 __all__ = ["fuse", "stats", "reset_stats", "FusedFunction", "FusionFallbackWarning"]
 
@@ -63,17 +63,16 @@ class FusedFunction:
         cfg = state.config()
         if not cfg.enabled or state.writes:  # code that writes state would retrace every call
             return self._fn(*args, **kwargs)
-        states, skeleton = [], None
+        states = []
         if not kwargs and all(type(a) is mx.array for a in args):
             leaves, structure = args, len(args)  # the common case, without a tree walk
         else:
-            leaves, skeleton = flatten_tree((args, kwargs))
             try:
-                structure = call_key(skeleton)
+                leaves, structure, modules = flatten_call(args, kwargs)
             except Unsafe as e:
                 state.fall_back(f"{e}: a trace would bake it in", stacklevel=3)
                 return self._fn(*args, **kwargs)
-            states = [self._module_state(m) for m in _modules_in(skeleton)]
+            states = [self._module_state(m) for m in modules]
             for s in states:
                 if s.unsafe:
                     state.fall_back(s.unsafe, stacklevel=3)
@@ -84,7 +83,8 @@ class FusedFunction:
             params += p
             modules_key.append((s.hkey, flags))
         key = (state.config_key(cfg), structure, tuple(modules_key), signature(params), signature(leaves))
-        loose = None if skeleton is None else (cfg, call_key(skeleton, loose=True)) + key[2:]
+        loose = None if type(structure) is int else (
+            lambda: (key[0], call_key(flatten_tree((args, kwargs))[1], loose=True)) + key[2:])
         entry = state.entry(key, lambda: _trace_flat(self._fn, states, args, kwargs, function_roots(self._fn)),
                             cfg, params, loose=loose)
         if entry.fallback is None:

@@ -59,7 +59,8 @@ def static_key(v: Any) -> Any:
         return (t,) + tuple(static_key(x) for x in (sorted(v, key=repr) if t is frozenset else v))
     if isinstance(v, _CODE_TYPES) or t.__name__ in ("nb_func", "nb_method", "partial"):
         return ("code", id(v), v)  # holding `v` keeps the id unique
-    raise Unsafe(f"a {t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else f"a {t.__name__}")
+    name = f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__name__
+    raise Unsafe(f"{'an' if name[0] in 'aeiou' else 'a'} {name}")
 
 
 def _attr_key(v: Any, depth: int = 0) -> Any:
@@ -129,6 +130,8 @@ class ModuleState:
         self.paths = tuple(self.paths)
         self.key = (tuple(type(m) for m in self.modules), self.paths, tuple(static))
         self.hkey = Hashed(self.key)
+        # train()/eval() changes an attribute dict, so `valid` fails and the state is rebuilt.
+        self.flags = tuple(m._training for m in self.modules)
         # `valid` in a few C-level loops: parents and keys of the edges, all sizes, all attribute values.
         self._parents = tuple(c for c, _, _ in self.edges)
         self._keys = tuple(k for _, k, _ in self.edges)
@@ -164,7 +167,7 @@ class ModuleState:
 
     def read(self) -> Tuple[List[mx.array], tuple]:
         """(unique parameters in `paths` order, train flags of every module)."""
-        return [c[k] for c, k in self.slots], tuple(m._training for m in self.modules)
+        return [c[k] for c, k in self.slots], self.flags
 
     def install(self, arrays) -> None:
         """Put `arrays` into the parameter slots (a trace's tracers, or the originals back)."""

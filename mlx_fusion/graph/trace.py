@@ -121,6 +121,49 @@ def call_key(skeleton: Any, where: str = "", loose: bool = False) -> Any:
     return (t,) if loose and (t is int or t is float or isinstance(skeleton, np.number)) else key
 
 
+def flatten_call(args: tuple, kwargs: dict) -> Tuple[List[mx.array], Any, List[nn.Module]]:
+    """(array leaves, key, modules) of a call's arguments in one walk: the per-call path.
+
+    The key is `call_key`'s (arrays stand for themselves by position, modules
+    by ``("module",)``); raises `Unsafe` naming the first unkeyable leaf.
+    """
+    leaves: List[mx.array] = []
+    modules: List[nn.Module] = []
+    key = None
+
+    def walk(v):
+        t = type(v)
+        if t is mx.array:
+            leaves.append(v)
+            return 0
+        if t is list or t is tuple:
+            return (t,) + tuple(_at(walk, x, i) for i, x in enumerate(v))
+        if t is dict:
+            return (dict,) + tuple((static_key(k), _at(walk, x, repr(k))) for k, x in v.items())
+        if isinstance(v, nn.Module):
+            if all(v is not m for m in modules):
+                modules.append(v)
+            return ("module",)
+        return static_key(v)
+
+    try:
+        key = (tuple(_at(walk, a, i) for i, a in enumerate(args)), None)
+        key = (key[0], tuple((k, _at(walk, v, repr(k))) for k, v in kwargs.items()))
+    except Unsafe as e:
+        where, what = str(e).split("\0", 1)
+        raise Unsafe(f"{'args' if key is None else 'kwargs'}{where} is {what}") from None
+    return leaves, key, modules
+
+
+def _at(walk, v, index):
+    """`walk(v)`; an `Unsafe` raised below gets ``[index]`` prepended to its location."""
+    try:
+        return walk(v)
+    except Unsafe as e:
+        where, what = str(e).split("\0", 1) if "\0" in str(e) else ("", str(e))
+        raise Unsafe(f"[{index}]{where}\0{what}") from None
+
+
 def structure_key(skeleton: Any) -> Any:
     """`call_key`, with unkeyable leaves keyed by identity (for inspection tools)."""
     try:
