@@ -26,8 +26,8 @@ import mlx.nn as nn
 from ._fused_module import FusedModule, fuse_module
 from ._fusion_state import REGISTRY, FusionFallbackWarning, _FusionState, compile_like_mlx, optimizer_stats, signature
 from ._tracing import tracing
-from .graph.module_state import ModuleState, Unsafe
-from .graph.trace import _trace_flat, call_key, flatten_call, flatten_tree, function_roots
+from .graph.module_state import ModuleState, Unsafe, static_key
+from .graph.trace import CellState, _trace_flat, call_key, flatten_call, flatten_tree, function_roots
 
 __all__ = ["fuse", "stats", "reset_stats", "FusedFunction", "FusionFallbackWarning"]
 
@@ -50,6 +50,7 @@ class FusedFunction:
     def __init__(self, fn: Callable, config=None, compile: bool = True):
         functools.update_wrapper(self, fn)
         self._fn = fn
+        self._cells = getattr(fn, "__closure__", None) or ()
         self._fusion = _FusionState(getattr(fn, "__qualname__", repr(fn)), config, compile)
 
     stats = property(lambda self: self._fusion.stats)
@@ -63,7 +64,7 @@ class FusedFunction:
         cfg = state.config()
         if not cfg.enabled or state.writes:  # code that writes state would retrace every call
             return self._fn(*args, **kwargs)
-        states = []
+        states, modules = [], ()
         if not kwargs and all(type(a) is mx.array for a in args):
             leaves, structure = args, len(args)  # the common case, without a tree walk
         else:
@@ -73,33 +74,64 @@ class FusedFunction:
                 state.fall_back(f"{e}: a trace would bake it in", stacklevel=3)
                 return self._fn(*args, **kwargs)
             states = [self._module_state(m) for m in modules]
+        closure_key = ()
+        if self._cells:
+            closure_key, more = self._closure()
+            states += [s for s in more if all(s is not t for t in states)]
+        if states:
             for s in states:
-                if s.unsafe:
+                if getattr(s, "unsafe", None):
                     state.fall_back(s.unsafe, stacklevel=3)
                     return self._fn(*args, **kwargs)
         params, modules_key = [], []
         for s in states:
             p, flags = s.read()
             params += p
-            modules_key.append((s.hkey, flags))
-        key = (state.config_key(cfg), structure, tuple(modules_key), signature(params), signature(leaves))
+            modules_key.append((getattr(s, "hkey", None), flags))
+        key = (state.config_key(cfg), structure, tuple(modules_key), signature(params), signature(leaves),
+               closure_key)
         loose = None if type(structure) is int else (
             lambda: (key[0], call_key(flatten_tree((args, kwargs))[1], loose=True)) + key[2:])
         entry = state.entry(key, lambda: _trace_flat(self._fn, states, args, kwargs, function_roots(self._fn)),
                             cfg, params, loose=loose)
         if entry.fallback is None:
             if entry.direct:
-                if not state.compile or states or entry.eager:  # mx.compile cannot take modules as arguments
-                    return self._fn(*args, **kwargs)
+                if not state.compile or entry.eager or type(structure) is not int and modules:
+                    return self._fn(*args, **kwargs)  # mx.compile takes no module arguments
                 if entry.replay is None:
-                    entry.replay = compile_like_mlx(self._fn, entry.rng_out, args, kwargs)
-                return entry.replay(*args, **kwargs)
+                    entry.replay = compile_like_mlx(_threading(self._fn, states), entry.rng_out, args, kwargs)
+                return entry.replay(params, *args, **kwargs)
             out = state.run(entry, params + list(leaves))
             if entry.fallback is None:
                 return out
         elif "writes Python state" in entry.fallback:
             state.writes = entry.fallback
         return self._fn(*args, **kwargs)
+
+    def _closure(self):
+        """(key of the closure cells, states to thread: closure modules, then the array cells)."""
+        kinds, states = [], []
+        for cell in self._cells:
+            try:
+                v = cell.cell_contents
+            except ValueError:  # not bound yet
+                kinds.append(None)
+                continue
+            if type(v) is mx.array:
+                kinds.append("array")
+            elif isinstance(v, nn.Module):
+                kinds.append("module")
+                states.append(self._module_state(v))
+            else:
+                try:
+                    kinds.append(static_key(v))
+                except Unsafe:  # an object: baked in, like mx.compile (docs/never-wrong.md)
+                    kinds.append(("object", id(v)))
+        kinds = tuple(kinds)
+        cells = self._fusion.extra.get("cells")
+        if cells is None or cells[0] != kinds:
+            cells = self._fusion.extra["cells"] = (kinds, CellState(self._fn))
+        return kinds, states + ([cells[1]] if cells[1].slots else [])
 
     def _module_state(self, m: nn.Module) -> ModuleState:
         cache = self._fusion.extra.setdefault("modules", {})
@@ -112,6 +144,28 @@ class FusedFunction:
 
     def __get__(self, obj, objtype=None):  # fused methods bind like functions
         return self if obj is None else functools.partial(self, obj)
+
+
+def _threading(fn: Callable, states) -> Callable:
+    """`fn` taking the arrays of `states` (closure modules and cells) first, for ``mx.compile``.
+
+    Compiled as it is, `fn` would bake them in: an optimizer update of a model
+    the function closes over would not be seen.
+    """
+
+    def call(params, *args, **kwargs):
+        saved = [s.read()[0] for s in states]
+        i = 0
+        for s in states:
+            s.install(params[i: i + len(s.slots)])
+            i += len(s.slots)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for s, p in zip(states, saved):
+                s.install(p)
+
+    return call
 
 
 def fuse(fn_or_module, config=None, *, compile: bool = True):

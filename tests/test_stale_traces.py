@@ -441,3 +441,33 @@ def test_split_module_matches_values_grads_and_state():
     assert fused.steps == 3
     kids = dict(fused.fusion_states())
     assert kids["WithNorm.mlp"].stats.applied_count >= 1  # the MLP child was traced and fused
+
+
+# -- closures -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("compile", [True, False])
+def test_closure_array_rebound_and_closure_model_updated(compile):
+    w = mx.ones((8, 8))
+    lin = nn.Linear(8, 8)
+
+    def fn(x):
+        return nn.relu(lin(x @ w))
+
+    f = fuse(fn, ALL, compile=compile)
+    close(f(X), fn(X))
+    w = mx.full((8, 8), 0.5)  # noqa: F841 (rebinding the closure cell)
+    close(f(X), fn(X))
+    lin.weight = mx.zeros((8, 8))  # the model the function closes over, updated
+    close(f(X), fn(X))
+    lin.update({"bias": mx.full((8,), 2.0)})
+    close(f(X), fn(X))
+    assert len(f.graphs) == 1  # new values, same shapes: no retrace
+
+    scale = 2.0
+
+    def g(x):
+        return nn.relu(x) * scale
+
+    fg = fuse(g, ALL, compile=compile)
+    close(fg(X), g(X))
+    scale = 3.0  # noqa: F841 (a closure scalar rebound: keyed)
+    close(fg(X), g(X))

@@ -115,7 +115,8 @@ class ModuleState:
                 elif not isinstance(v, mx.array):
                     static.append((f"{where}.{k}", self._key(v, f"{where}.{k}")))
 
-        visit(module, _name(module))
+        self.label = _name(module)
+        visit(module, self.label)
         slots, self.paths, self.slots = {}, [], []
         for path, _ in tree_flatten(module.parameters()):
             c = module

@@ -286,11 +286,11 @@ def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs
     params = [p for s in states for p in s.read()[0]]
     n = len(params)
     out_info: Dict[str, Any] = {}
-    walked = [(_name(s.modules[0]), s.modules[0]) for s in states] + list(roots)
+    walked = [(s.label, s.modules[0]) for s in states if s.modules] + list(roots)
     walked += [(f"args[{i}]", a) for i, a in enumerate(args)] + [(k, v) for k, v in kwargs.items()]
     snapshot = Snapshot(walked, params_of=[m for s in states for m in s.modules])
     per_state = [s.read()[0] for s in states]
-    paths = [f"{_name(s.modules[0])}.{p}" for s in states for p in s.paths]
+    paths = [f"{s.label}.{p}" for s in states for p in s.paths]
 
     def flat_fn(*flat):
         i = 0
@@ -349,6 +349,40 @@ def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs
         source=getattr(fn, "__qualname__", type(fn).__name__),
     )
     return g
+
+
+class CellState:
+    """The closure cells of a function that hold arrays: threaded like parameters.
+
+    ``w = ...; f = fuse(lambda x: x @ w)``: the trace reads `w` through a
+    tracer put in the cell, and each call passes the cell's current array, so
+    rebinding `w` (``nonlocal``) or writing it in place is seen, as unfused.
+    """
+
+    label = "closure"
+    modules: List[nn.Module] = []
+    flags = ()
+
+    def __init__(self, fn: Callable):
+        code = getattr(fn, "__code__", None)
+        pairs = zip(code.co_freevars if code else (), getattr(fn, "__closure__", None) or ())
+        self.slots = [c for _, c in pairs if _holds(c, mx.array)]
+        self.paths = tuple(n for n, c in zip(code.co_freevars if code else (), fn.__closure__ or ())
+                           if _holds(c, mx.array))
+
+    def read(self):
+        return [c.cell_contents for c in self.slots], ()
+
+    def install(self, arrays) -> None:
+        for c, a in zip(self.slots, arrays):
+            c.cell_contents = a
+
+
+def _holds(cell, t) -> bool:
+    try:
+        return type(cell.cell_contents) is t
+    except ValueError:  # an empty cell
+        return False
 
 
 def function_roots(fn: Callable) -> List[Tuple[str, Any]]:
