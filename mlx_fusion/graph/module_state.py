@@ -18,14 +18,14 @@ from __future__ import annotations
 import types
 from itertools import chain
 from operator import getitem, is_
-from typing import Any, List, Tuple
+from typing import Any, Callable, List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-__all__ = ["ModuleState", "static_key", "Unsafe", "Hashed"]
+__all__ = ["ModuleState", "CellState", "static_key", "Unsafe", "Hashed"]
 
 # Attributes the key leaves out: fuse's own bookkeeping, and the set of frozen
 # names (it changes gradients, which `value_and_grad` handles, not the forward).
@@ -199,3 +199,37 @@ class Hashed:
 
     def __eq__(self, other):
         return self is other or (type(other) is Hashed and self.hash == other.hash and self.value == other.value)
+
+
+class CellState:
+    """The closure cells of a function that hold arrays: threaded like parameters.
+
+    ``w = ...; f = fuse(lambda x: x @ w)``: the trace reads `w` through a
+    tracer put in the cell, and each call passes the cell's current array, so
+    rebinding `w` (``nonlocal``) or writing it in place is seen, as unfused.
+    """
+
+    label = "closure"
+    modules: List[nn.Module] = []
+    flags = ()
+
+    def __init__(self, fn: Callable):
+        code = getattr(fn, "__code__", None)
+        pairs = zip(code.co_freevars if code else (), getattr(fn, "__closure__", None) or ())
+        self.slots = [c for _, c in pairs if _holds(c, mx.array)]
+        self.paths = tuple(n for n, c in zip(code.co_freevars if code else (), fn.__closure__ or ())
+                           if _holds(c, mx.array))
+
+    def read(self):
+        return [c.cell_contents for c in self.slots], ()
+
+    def install(self, arrays) -> None:
+        for c, a in zip(self.slots, arrays):
+            c.cell_contents = a
+
+
+def _holds(cell, t) -> bool:
+    try:
+        return type(cell.cell_contents) is t
+    except ValueError:  # an empty cell
+        return False

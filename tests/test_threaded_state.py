@@ -1,0 +1,97 @@
+"""State a fused call reads and writes: split modules (fused children), closures."""
+
+import warnings
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx_fusion.graph.optimizer")
+
+from mlx_fusion.config import FusionConfig  # noqa: E402
+from mlx_fusion.fuse import FusionFallbackWarning, fuse  # noqa: E402
+
+ALL = FusionConfig(min_tensor_size=0)
+X = mx.random.normal((4, 8), key=mx.random.key(0))
+
+
+def close(a, b, atol=1e-5):
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    np.testing.assert_allclose(np.array(a), np.array(b), atol=atol, rtol=1e-5)
+
+
+def fallback_warnings(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, FusionFallbackWarning)]
+
+
+# -- split: a module that cannot be traced whole runs its forward with fused children -----------
+class WithNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm(8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.steps = 0
+
+    def __call__(self, x):
+        self.steps += 1  # writes its own state: cannot be traced whole
+        return self.mlp(self.bn(x))
+
+
+def test_split_module_matches_values_grads_and_state():
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    mx.random.seed(0)
+    ref = WithNorm()
+    model = WithNorm()
+    model.update(ref.parameters())
+    fused = fuse(model, ALL, compile=False)
+    loss = lambda m, x: (m(x) ** 2).mean()  # noqa: E731
+    opt, opt_ref = optim.SGD(learning_rate=0.1), optim.SGD(learning_rate=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            l, g = nn.value_and_grad(fused, loss)(fused, X)
+            opt.update(fused, g)
+            l_ref, g_ref = nn.value_and_grad(ref, loss)(ref, X)
+            opt_ref.update(ref, g_ref)
+            np.testing.assert_allclose(l.item(), l_ref.item(), rtol=1e-5)
+    msgs = fallback_warnings(caught)  # once each: WithNorm (steps) and its BatchNorm child (running stats)
+    assert len(msgs) == 2 and "WithNorm.steps" in msgs[0] and "BatchNorm.running_mean" in msgs[1], msgs
+    for (k, a), (_, b) in zip(tree_flatten(fused.parameters()), tree_flatten(ref.parameters())):
+        close(a, b, atol=1e-5)
+    close(fused.bn.running_mean, ref.bn.running_mean)
+    assert fused.steps == 3
+    kids = dict(fused.fusion_states())
+    assert kids["WithNorm.mlp"].stats.applied_count >= 1  # the MLP child was traced and fused
+
+
+# -- closures -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("compile", [True, False])
+def test_closure_array_rebound_and_closure_model_updated(compile):
+    w = mx.ones((8, 8))
+    lin = nn.Linear(8, 8)
+
+    def fn(x):
+        return nn.relu(lin(x @ w))
+
+    f = fuse(fn, ALL, compile=compile)
+    close(f(X), fn(X))
+    w = mx.full((8, 8), 0.5)  # noqa: F841 (rebinding the closure cell)
+    close(f(X), fn(X))
+    lin.weight = mx.zeros((8, 8))  # the model the function closes over, updated
+    close(f(X), fn(X))
+    lin.update({"bias": mx.full((8,), 2.0)})
+    close(f(X), fn(X))
+    assert len(f.graphs) == 1  # new values, same shapes: no retrace
+
+    scale = 2.0
+
+    def g(x):
+        return nn.relu(x) * scale
+
+    fg = fuse(g, ALL, compile=compile)
+    close(fg(X), g(X))
+    scale = 3.0  # noqa: F841 (a closure scalar rebound: keyed)
+    close(fg(X), g(X))
