@@ -3,6 +3,7 @@
 import warnings
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 pytest.importorskip("mlx_lm")
@@ -108,3 +109,32 @@ def test_whole_sequence_logits_and_grads_match(model):
 
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         assert mx.allclose(a, b, atol=1e-4).item(), k
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_compiled_training_step_same_losses(compile):
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    x, y = PROMPT[None, :-1], PROMPT[None, 1:]
+
+    def loss(m):
+        return nn.losses.cross_entropy(m(x), y).mean()
+
+    losses = {}
+    for name in ("plain", "fused"):
+        model = tiny_llama()
+        if name == "fused":
+            model = fuse(model, ALL, compile=compile)
+        opt = optim.Adam(learning_rate=1e-2)
+        state = [model.state, opt.state, mx.random.state]
+
+        def step():
+            value, grads = nn.value_and_grad(model, loss)(model)
+            opt.update(model, grads)
+            return value
+
+        step = mx.compile(step, inputs=state, outputs=state)
+        losses[name] = [step().item() for _ in range(4)]
+    np.testing.assert_allclose(losses["fused"], losses["plain"], rtol=1e-4)
+    assert losses["plain"][-1] < losses["plain"][0]

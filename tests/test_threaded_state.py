@@ -95,3 +95,16 @@ def test_closure_array_rebound_and_closure_model_updated(compile):
     close(fg(X), g(X))
     scale = 3.0  # noqa: F841 (a closure scalar rebound: keyed)
     close(fg(X), g(X))
+
+
+def test_fused_objects_called_inside_a_trace_run_plain():
+    inner_fn = fuse(lambda x: nn.relu(x) * 2.0, ALL)
+    inner_mod = fuse(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), ALL)
+    outer = fuse(lambda x: inner_mod(inner_fn(x)) + 1.0, ALL, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionFallbackWarning)
+        got = outer(X)
+    want = nn.Sequential.__call__(inner_mod, nn.relu(X) * 2.0) + 1.0
+    close(got, want)
+    assert outer.stats.applied_count >= 1  # the outer trace saw plain ops it could fuse
+    assert not inner_fn.graphs and not inner_mod.fusion_graphs  # nothing traced inside the trace
