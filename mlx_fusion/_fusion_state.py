@@ -146,6 +146,8 @@ class _FusionState:
             graph = make_graph()
         except TraceError as e:
             return self.fall_back(f"could not trace: {e.reason}")
+        except Exception as e:  # the user's own error (the original raises it again) or a bug here
+            return self.fall_back(f"could not trace: {type(e).__name__}: {e}")
         # Neural Engine offload runs first, on the plain trace (docs/neural-engine.md).
         offloaded = _offload(graph, cfg, params, training) if cfg.neural_engine else 0
         try:

@@ -57,6 +57,8 @@ class Snapshot:
             self.records.append((label, obj, "list", list(obj)))
             for i, v in enumerate(obj):
                 self._walk(f"{label}[{i}]", v, (obj, i, "item"))
+        elif isinstance(obj, set):
+            self.records.append((label, obj, "set", set(obj)))
         elif isinstance(obj, tuple):
             for i, v in enumerate(obj):
                 self._walk(f"{label}[{i}]", v, None)
@@ -65,8 +67,11 @@ class Snapshot:
             dot = isinstance(obj, nn.Module)
             for k, v in list(obj.items()):
                 self._walk(f"{label}.{k}" if dot else f"{label}[{k!r}]", v, (obj, k, "item"))
-        if hasattr(obj, "__dict__") and not isinstance(obj, type):
-            attrs = obj.__dict__
+        try:
+            attrs = None if isinstance(obj, type) else getattr(obj, "__dict__", None)
+        except Exception:  # an object whose attribute lookup raises: not walked
+            attrs = None
+        if type(attrs) is dict:
             self.records.append((label, attrs, "attrs", dict(attrs)))
             for k, v in list(attrs.items()):
                 if k != "_fusion":
@@ -76,6 +81,10 @@ class Snapshot:
         """Labels of the objects whose contents differ from the snapshot."""
         out = []
         for label, obj, kind, saved in self.records:
+            if kind == "set":
+                if obj != saved:
+                    out.append(label)
+                continue
             now = list(obj) if kind == "list" else dict(obj)
             if kind == "list":
                 same = len(now) == len(saved) and all(a is b for a, b in zip(now, saved))
@@ -96,6 +105,9 @@ class Snapshot:
         for label, obj, kind, saved in self.records:
             if kind == "list":
                 obj[:] = saved
+            elif kind == "set":
+                obj.clear()
+                obj.update(saved)
             elif kind == "dict":
                 dict.clear(obj)
                 dict.update(obj, saved)

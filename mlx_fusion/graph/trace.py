@@ -228,7 +228,7 @@ def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs
     g.meta.update(
         in_skeleton=in_skeleton,
         out_skeleton=out_info["skeleton"],
-        input_paths=[p for p, v in tree_flatten((args, kwargs)) if isinstance(v, mx.array)],
+        input_paths=paths + [p for p, v in tree_flatten((args, kwargs)) if isinstance(v, mx.array)],
         num_params=n,
         param_paths=[p for s in states[:1] for p in s.paths],
         rng_outputs=int(out_info["rng_out"]),
@@ -297,6 +297,6 @@ def trace_module_with(state: ModuleState, forward: Callable, args: tuple, kwargs
     module = state.modules[0]
     more = [ModuleState(m) for m in _modules_in((args, kwargs)) if m is not module]
     g = _trace_flat(lambda *a, **k: forward(module, *a, **k), [state] + more, args, kwargs)
-    g.meta["input_paths"] = [f"params.{p}" for p in state.paths] + g.meta["input_paths"]
+    g.meta["input_paths"][: len(state.paths)] = [f"params.{p}" for p in state.paths]
     g.meta["source"] = _name(module)
     return g
