@@ -26,7 +26,7 @@ import mlx.nn as nn
 from ._fused_module import FusedModule, fuse_module
 from ._fusion_state import REGISTRY, FusionFallbackWarning, _FusionState, compile_like_mlx, optimizer_stats, signature
 from ._tracing import tracing
-from .graph.module_state import ModuleState, Unsafe, static_key
+from .graph.module_state import Identity, ModuleState, Unsafe, static_key
 from .graph.trace import CellState, _trace_flat, call_key, flatten_call, flatten_tree, function_roots
 
 __all__ = ["fuse", "stats", "reset_stats", "FusedFunction", "FusionFallbackWarning"]
@@ -126,7 +126,7 @@ class FusedFunction:
                 try:
                     kinds.append(static_key(v))
                 except Unsafe:  # an object: baked in, like mx.compile (docs/never-wrong.md)
-                    kinds.append(("object", id(v)))
+                    kinds.append(("object", Identity(v)))
         kinds = tuple(kinds)
         cells = self._fusion.extra.get("cells")
         if cells is None or cells[0] != kinds:

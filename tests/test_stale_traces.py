@@ -399,3 +399,12 @@ def test_deepcopy_and_pickle_after_first_call():
     p = pickle.loads(pickle.dumps(f))
     close(p(X), f(X))
     assert type(p).__name__ == type(f).__name__ and isinstance(p, Scaled)
+
+
+def test_code_arguments_are_keyed_by_what_they_run():
+    fn = lambda x, act: act(x) * 2.0  # noqa: E731
+    f = fuse(fn, ALL)
+    lin = nn.Linear(8, 8)
+    for act in (nn.relu, nn.relu, nn.gelu, lin.__call__, lin.__call__):  # a new bound method each access
+        close(f(X, act), fn(X, act))
+    assert len(f.graphs) == 3

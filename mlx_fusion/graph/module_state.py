@@ -25,13 +25,28 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-__all__ = ["ModuleState", "CellState", "static_key", "Unsafe", "Hashed"]
+__all__ = ["ModuleState", "CellState", "static_key", "Unsafe", "Hashed", "Identity"]
 
 # Attributes the key leaves out: fuse's own bookkeeping, and the set of frozen
 # names (it changes gradients, which `value_and_grad` handles, not the forward).
 _IGNORED = frozenset({"_fusion", "_no_grad", "_training"})
 _VALUE_TYPES = (type(None), bool, int, str, bytes, type(Ellipsis), mx.Dtype, mx.Device, mx.Stream)
 _CODE_TYPES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.BuiltinMethodType, type)
+
+
+class Identity:
+    """Keys an object by identity (and keeps it alive, so the id stays unique)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __eq__(self, other):
+        return type(other) is Identity and other.obj is self.obj
 
 
 class Unsafe(Exception):
@@ -57,8 +72,10 @@ def static_key(v: Any) -> Any:
         return (t, v.tobytes())
     if t is tuple or t is frozenset:
         return (t,) + tuple(static_key(x) for x in (sorted(v, key=repr) if t is frozenset else v))
+    if t is types.MethodType:  # `m.f` is a new object per access: key what it binds
+        return ("method", Identity(v.__self__), Identity(v.__func__))
     if isinstance(v, _CODE_TYPES) or t.__name__ in ("nb_func", "nb_method", "partial"):
-        return ("code", id(v), v)  # holding `v` keeps the id unique
+        return ("code", Identity(v))
     name = f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__name__
     raise Unsafe(f"{'an' if name[0] in 'aeiou' else 'a'} {name}")
 
@@ -158,7 +175,7 @@ class ModuleState:
             return _attr_key(v)
         except Unsafe as e:
             self.unsafe = self.unsafe or f"attribute {where} is {e} (its changes would not be seen)"
-            return ("unsafe", id(v))
+            return ("unsafe", Identity(v))
 
     def valid(self) -> bool:
         """Whether the tree still has the layout and attributes this state was built from."""
