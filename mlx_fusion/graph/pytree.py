@@ -8,6 +8,7 @@ into a hashable key, keying Python scalars by type and value and refusing
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Any, List, Tuple
 
@@ -16,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from .module_state import Unsafe, static_key
+from .module_state import Identity, Unsafe, static_key
 
 __all__ = ["Slot", "flatten_tree", "unflatten_tree", "call_key", "flatten_call", "structure_key"]
 
@@ -107,6 +108,9 @@ def flatten_call(args: tuple, kwargs: dict) -> Tuple[List[mx.array], Any, List[n
             if all(v is not m for m in modules):
                 modules.append(v)
             return ("module",)
+        if t is types.MethodType and isinstance(v.__self__, nn.Module):  # `act=model.mlp.__call__`
+            walk(v.__self__)  # its parameters are threaded like a module argument's
+            return ("method", Identity(v.__func__))
         return static_key(v)
 
     try:

@@ -65,9 +65,16 @@ def module_parameters(module: nn.Module) -> Tuple[List[str], List[mx.array]]:
 
 
 def _modules_in(skeleton: Any) -> List[nn.Module]:
+    """Modules among the leaves (and the modules of bound methods), in `flatten_call`'s order."""
     found: List[nn.Module] = []
-    tree_map(lambda v: found.append(v) if isinstance(v, nn.Module) and all(v is not m for m in found) else None,
-             skeleton, is_leaf=_is_module)
+
+    def take(v):
+        if isinstance(v, types.MethodType) and isinstance(v.__self__, nn.Module):
+            v = v.__self__
+        if isinstance(v, nn.Module) and all(v is not m for m in found):
+            found.append(v)
+
+    tree_map(take, skeleton, is_leaf=_is_module)
     return found
 
 
