@@ -76,11 +76,13 @@ class FusedModule:
                 return _split(self, state, forward, str(e), args, kwargs)
             if modules:
                 return _split(self, state, forward, "a module is passed as an argument", args, kwargs)
+        if state.writes:  # code that writes its own state: each call would retrace
+            return _split(self, state, forward, state.writes, args, kwargs)
         ms = state.module_state
         if ms is None or not ms.valid():
             ms = state.module_state = ModuleState(self)
-        if ms.unsafe or state.writes:  # keyless, or each call would retrace
-            return _split(self, state, forward, ms.unsafe or state.writes, args, kwargs)
+        if ms.unsafe:  # an attribute that cannot be keyed
+            return _split(self, state, forward, ms.unsafe, args, kwargs)
         params, flags = ms.read()  # Dropout & co. read their own flag: all are in the key
         key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
                signature(leaves))
