@@ -21,7 +21,7 @@ from .graph.ir import Graph
 from .graph.module_state import Hashed
 from .graph.trace import TraceError, unflatten_tree
 
-__all__ = ["FusionFallbackWarning", "REGISTRY", "optimizer_stats", "Hashed"]
+__all__ = ["FusionFallbackWarning", "REGISTRY", "optimizer_stats", "compile_like_mlx", "signature"]
 
 
 class FusionFallbackWarning(UserWarning):
@@ -62,13 +62,12 @@ def signature(leaves) -> tuple:
 class _Entry:
     """One cached trace: its replay and output skeleton, the direct path, or the fallback reason."""
 
-    __slots__ = ("replay", "out_skeleton", "fallback", "checked", "direct", "rng_out", "split", "eager")
+    __slots__ = ("replay", "out_skeleton", "fallback", "checked", "direct", "rng_out", "eager")
 
     def __init__(self, replay=None, out_skeleton=None, fallback: Optional[str] = None):
         self.replay, self.out_skeleton, self.fallback, self.checked = replay, out_skeleton, fallback, False
         self.direct = False  # the trace fused nothing: run the original callable
         self.rng_out = False  # the last replay output is the global key after the call
-        self.split = False  # modules: run the forward with fused children (see _fused_module)
         self.eager = False  # direct, and run eagerly even when the state compiles (see `entry`)
 
 

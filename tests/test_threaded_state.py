@@ -108,3 +108,23 @@ def test_fused_objects_called_inside_a_trace_run_plain():
     close(got, want)
     assert outer.stats.applied_count >= 1  # the outer trace saw plain ops it could fuse
     assert not inner_fn.graphs and not inner_mod.fusion_graphs  # nothing traced inside the trace
+
+
+def test_tracing_flag_lets_a_custom_function_trace_as_its_reference():
+    """What mlx_fusion.ops can do: a custom_function cannot be exported; the flag says when to step aside."""
+    from mlx_fusion._tracing import tracing
+
+    @mx.custom_function
+    def _double_relu(x):
+        return nn.relu(x) * 2
+
+    def op(x):  # an op in the style of mlx_fusion.ops, reading the flag
+        return nn.relu(x) * 2 if tracing() else _double_relu(x)
+
+    fn = lambda x: op(x) + 1.0  # noqa: E731
+    f = fuse(fn, ALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusionFallbackWarning)
+        close(f(X), nn.relu(X) * 2 + 1.0)
+    assert len(f.graphs) == 1 and "CustomTransforms" not in f.graphs[0].op_counts()
+    assert not tracing()
