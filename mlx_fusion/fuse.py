@@ -51,6 +51,8 @@ class FusedFunction:
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._cells = getattr(fn, "__closure__", None) or ()
+        bound = getattr(fn, "__self__", None)
+        self._bound = bound if isinstance(bound, nn.Module) else None
         self._fusion = _FusionState(getattr(fn, "__qualname__", repr(fn)), config, compile)
 
     stats = property(lambda self: self._fusion.stats)
@@ -75,7 +77,7 @@ class FusedFunction:
                 return self._fn(*args, **kwargs)
             states = [self._module_state(m) for m in modules]
         closure_key = ()
-        if self._cells:
+        if self._cells or self._bound is not None:
             closure_key, more = self._closure()
             states += [s for s in more if all(s is not t for t in states)]
         if states:
@@ -127,6 +129,8 @@ class FusedFunction:
                     kinds.append(static_key(v))
                 except Unsafe:  # an object: baked in, like mx.compile (docs/never-wrong.md)
                     kinds.append(("object", Identity(v)))
+        if self._bound is not None:  # fuse(model.method): the model's parameters are threaded
+            states.append(self._module_state(self._bound))
         kinds = tuple(kinds)
         cells = self._fusion.extra.get("cells")
         if cells is None or cells[0] != kinds:

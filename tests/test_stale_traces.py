@@ -411,3 +411,20 @@ def test_code_arguments_are_keyed_by_what_they_run():
     lin.weight = mx.zeros((8, 8))  # the bound method's module is threaded like an argument
     close(f(X, lin.__call__), fn(X, lin.__call__))
     assert len(f.graphs) == 3
+
+
+def test_fused_bound_method_of_a_module_sees_updates():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def features(self, x):
+            return nn.relu(self.lin(x)) * 2
+
+    m = M()
+    f = fuse(m.features, ALL)
+    close(f(X), m.features(X))
+    m.lin.weight = mx.zeros((8, 8))
+    close(f(X), m.features(X))
+    assert len(f.graphs) == 1
