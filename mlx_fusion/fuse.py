@@ -53,6 +53,9 @@ class FusedFunction:
         self._cells = getattr(fn, "__closure__", None) or ()
         bound = getattr(fn, "__self__", None)
         self._bound = bound if isinstance(bound, nn.Module) else None
+        code = getattr(fn, "__code__", None)
+        self._names = code.co_names if code is not None else ()
+        self._globals = getattr(fn, "__globals__", None) or {}
         self._fusion = _FusionState(getattr(fn, "__qualname__", repr(fn)), config, compile)
 
     stats = property(lambda self: self._fusion.stats)
@@ -77,7 +80,7 @@ class FusedFunction:
                 return self._fn(*args, **kwargs)
             states = [self._module_state(m) for m in modules]
         closure_key = ()
-        if self._cells or self._bound is not None:
+        if self._cells or self._names or self._bound is not None:
             closure_key, more = self._closure()
             states += [s for s in more if all(s is not t for t in states)]
         if states:
@@ -111,7 +114,12 @@ class FusedFunction:
         return self._fn(*args, **kwargs)
 
     def _closure(self):
-        """(key of the closure cells, states to thread: closure modules, then the array cells)."""
+        """(key of what the code reads besides its arguments, states to thread).
+
+        Closure cells: arrays threaded (`CellState`), modules threaded, scalars
+        keyed. The bound module of a method: threaded. Globals the function's own
+        code names: modules threaded, arrays keyed by identity (rebinding retraces).
+        """
         kinds, states = [], []
         for cell in self._cells:
             try:
@@ -131,6 +139,13 @@ class FusedFunction:
                     kinds.append(("object", Identity(v)))
         if self._bound is not None:  # fuse(model.method): the model's parameters are threaded
             states.append(self._module_state(self._bound))
+        for name in self._names:  # globals the code reads: a module threaded, an array keyed by identity
+            v = self._globals.get(name)
+            if type(v) is mx.array:
+                kinds.append(("global", name, Identity(v)))
+            elif isinstance(v, nn.Module):
+                kinds.append(("global", name))
+                states.append(self._module_state(v))
         kinds = tuple(kinds)
         cells = self._fusion.extra.get("cells")
         if cells is None or cells[0] != kinds:

@@ -428,3 +428,21 @@ def test_fused_bound_method_of_a_module_sees_updates():
     m.lin.weight = mx.zeros((8, 8))
     close(f(X), m.features(X))
     assert len(f.graphs) == 1
+
+
+G_W = mx.ones((8, 8))
+G_LIN = nn.Linear(8, 8)
+
+
+def _reads_globals(x):
+    return nn.relu(G_LIN(x @ G_W))
+
+
+def test_globals_the_function_reads():
+    global G_W
+    f = fuse(_reads_globals, ALL)
+    close(f(X), _reads_globals(X))
+    G_LIN.weight = mx.zeros((8, 8))  # a global model updated: threaded
+    close(f(X), _reads_globals(X))
+    G_W = mx.full((8, 8), 0.25)  # a global array rebound: keyed
+    close(f(X), _reads_globals(X))

@@ -48,6 +48,8 @@ class Snapshot:
     def _walk(self, label, obj, holder):
         if isinstance(obj, _ATOMS) or id(obj) in self._seen or len(self._seen) > _LIMIT:
             return
+        if type(obj).__module__.startswith("mlx_fusion.") or (type(obj) is dict and "__builtins__" in obj):
+            return  # fuse's own objects (traces, states) and module namespaces are not user state
         self._seen.add(id(obj))
         if isinstance(obj, mx.array):
             if self._arrays and holder is not None and id(holder[0]) not in self._skip_arrays:
@@ -81,46 +83,61 @@ class Snapshot:
         """Labels of the objects whose contents differ from the snapshot."""
         out = []
         for label, obj, kind, saved in self.records:
-            if kind == "set":
-                if obj != saved:
-                    out.append(label)
-                continue
-            now = list(obj) if kind == "list" else dict(obj)
-            if kind == "list":
-                same = len(now) == len(saved) and all(a is b for a, b in zip(now, saved))
-            else:
-                same = now.keys() == saved.keys() and all(now[k] is v for k, v in saved.items())
-            if not same:
-                changed = [k for k in now if k not in saved or now[k] is not saved[k]] if kind != "list" else []
-                out.append(f"{label}.{changed[0]}" if changed and kind == "attrs" else label)
+            keys = _changed(obj, kind, saved)
+            if keys is not None:
+                out.append(f"{label}.{keys[0]}" if keys and kind == "attrs" else label)
         for label, holder, key, kind, arr, _ in self.arrays:
-            try:
-                mx.eval(arr)
-            except Exception:  # written in place with a tracer
+            if not _evaluates(arr):  # written in place with a tracer
                 out.append(label)
         return out
 
     def restore(self) -> None:
-        """Put every recorded content back (arrays written in place: their pre-trace value)."""
+        """Put back what changed (arrays written in place: their pre-trace value)."""
         for label, obj, kind, saved in self.records:
+            keys = _changed(obj, kind, saved)
+            if keys is None:
+                continue
             if kind == "list":
                 obj[:] = saved
             elif kind == "set":
                 obj.clear()
                 obj.update(saved)
-            elif kind == "dict":
-                dict.clear(obj)
-                dict.update(obj, saved)
-            else:
-                obj.clear()
-                obj.update(saved)
+            else:  # only the changed keys: a dict may be shared far beyond the traced code
+                setitem, delitem = (dict.__setitem__, dict.__delitem__) if kind == "dict" else (
+                    type(obj).__setitem__, type(obj).__delitem__)
+                for k in keys:
+                    if k in saved:
+                        setitem(obj, k, saved[k])
+                    else:
+                        delitem(obj, k)
         for label, holder, key, kind, arr, handle in self.arrays:
-            try:
-                mx.eval(arr)
-            except Exception:
+            if not _evaluates(arr):
                 if kind == "attr":
                     holder.__dict__[key] = handle
                 elif isinstance(holder, dict):
                     dict.__setitem__(holder, key, handle)
                 else:
                     holder[key] = handle
+
+
+def _changed(obj, kind: str, saved):
+    """None if `obj` holds what `saved` recorded; else the changed keys (lists and sets: [])."""
+    if kind == "set":
+        return None if obj == saved else []
+    if kind == "list":
+        return None if len(obj) == len(saved) and all(a is b for a, b in zip(obj, saved)) else []
+    now = dict.items(obj) if kind == "dict" else obj.items()
+    keys = [k for k, v in now if saved.get(k, _MISSING) is not v]
+    keys += [k for k in saved if k not in obj]
+    return keys or None
+
+
+def _evaluates(arr: mx.array) -> bool:
+    try:
+        mx.eval(arr)
+        return True
+    except Exception:
+        return False
+
+
+_MISSING = object()
