@@ -446,3 +446,21 @@ def test_globals_the_function_reads():
     close(f(X), _reads_globals(X))
     G_W = mx.full((8, 8), 0.25)  # a global array rebound: keyed
     close(f(X), _reads_globals(X))
+
+
+G_SEEN = []
+
+
+def _appends_to_a_global(x):
+    y = nn.relu(x)
+    G_SEEN.append(y)
+    return y
+
+
+def test_function_appending_to_a_global_list_runs_unfused():
+    f = fuse(_appends_to_a_global, ALL)
+    with pytest.warns(FusionFallbackWarning, match="G_SEEN"):
+        f(X)
+    f(X)
+    mx.eval(G_SEEN)
+    assert len(G_SEEN) == 2

@@ -245,7 +245,7 @@ def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs
 
 
 def function_roots(fn: Callable) -> List[Tuple[str, Any]]:
-    """What a function can reach besides its arguments: closure cells and a bound ``self``."""
+    """What a function can reach besides its arguments: closure cells, a bound ``self``, named globals."""
     roots = []
     self_ = getattr(fn, "__self__", None)
     if self_ is not None and not isinstance(self_, types.ModuleType):
@@ -256,6 +256,10 @@ def function_roots(fn: Callable) -> List[Tuple[str, Any]]:
             roots.append((name, cell.cell_contents))
         except ValueError:  # an empty cell
             pass
+    env = getattr(fn, "__globals__", None) or {}
+    for name in code.co_names if code else ():  # globals its own code names (a module-level list)
+        if name in env and not isinstance(env[name], (types.ModuleType, type, types.FunctionType)):
+            roots.append((name, env[name]))
     return roots
 
 
