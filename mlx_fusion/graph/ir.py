@@ -13,7 +13,7 @@ tuple, as exported) or the fused op's settings (a dict).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import mlx.core as mx
 

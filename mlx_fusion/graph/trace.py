@@ -14,18 +14,26 @@ outputs are flattened here and the recipe to rebuild them is kept in
   are the module's parameters (`tree_flatten(module.parameters())` order).
 - ``rng_inputs``: names of graph inputs that stand for MLX's global random key
   (see `trace`); a replay must feed a fresh key each call.
+- ``rng_outputs``: 1 when the last graph output is the global key after the
+  call's draws (a replay stores it back, as the unfused draws would), else 0.
+
+What a trace bakes in and what it refuses is in docs/never-wrong.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Tuple
+import types
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
+from .._tracing import trace_scope
+from .guard import Snapshot
 from .ir import Graph, Node, Value
+from .module_state import CellState, ModuleState, Unsafe, _name
+from .pytree import Slot, _is_module, call_key, flatten_call, flatten_tree, structure_key, unflatten_tree
 
 __all__ = [
     "TraceError",
@@ -35,6 +43,9 @@ __all__ = [
     "flatten_tree",
     "unflatten_tree",
     "structure_key",
+    "call_key",
+    "flatten_call",
+    "CellState",
     "module_parameters",
 ]
 
@@ -47,68 +58,70 @@ class TraceError(RuntimeError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Slot:
-    """Placeholder for the i-th array leaf in a flattened pytree."""
-
-    index: int
-
-
-# -- pytrees -------------------------------------------------------------------
-def flatten_tree(tree: Any) -> Tuple[List[mx.array], Any]:
-    """Split a pytree into its array leaves and a skeleton holding `Slot`s.
-
-    `tree_map` keeps list/tuple/dict types, so `unflatten_tree` rebuilds the
-    exact containers (a plain path list would turn tuples into lists).
-    """
-    leaves: List[mx.array] = []
-
-    def take(v):
-        if isinstance(v, mx.array):
-            leaves.append(v)
-            return Slot(len(leaves) - 1)
-        return v
-
-    return leaves, tree_map(take, tree)
-
-
-def unflatten_tree(skeleton: Any, leaves: List[mx.array]) -> Any:
-    """Inverse of `flatten_tree`."""
-    return tree_map(lambda v: leaves[v.index] if isinstance(v, Slot) else v, skeleton)
-
-
-def structure_key(skeleton: Any) -> Any:
-    """A hashable key for a skeleton: container types, dict keys and static leaves."""
-    if isinstance(skeleton, (list, tuple)):
-        return (type(skeleton).__name__,) + tuple(structure_key(v) for v in skeleton)
-    if isinstance(skeleton, dict):
-        return ("dict",) + tuple((k, structure_key(v)) for k, v in skeleton.items())
-    try:
-        hash(skeleton)
-        return skeleton
-    except TypeError:
-        return ("unhashable", repr(skeleton))
-
-
 def module_parameters(module: nn.Module) -> Tuple[List[str], List[mx.array]]:
     """`tree_flatten(module.parameters())` as (paths, arrays)."""
     flat = tree_flatten(module.parameters())
     return [k for k, _ in flat], [v for _, v in flat]
 
 
+def _modules_in(skeleton: Any) -> List[nn.Module]:
+    """Modules among the leaves (and the modules of bound methods), in `flatten_call`'s order."""
+    found: List[nn.Module] = []
+
+    def take(v):
+        if isinstance(v, types.MethodType) and isinstance(v.__self__, nn.Module):
+            v = v.__self__
+        if isinstance(v, nn.Module) and all(v is not m for m in found):
+            found.append(v)
+
+    tree_map(take, skeleton, is_leaf=_is_module)
+    return found
+
+
 # -- capture -------------------------------------------------------------------
+def _compile_enabled() -> bool:
+    """MLX has no getter: a compiled function that runs its Python twice is disabled."""
+    calls = []
+
+    def probe(x):
+        calls.append(1)
+        return x + 1
+
+    f = mx.compile(probe)
+    f(mx.array(0)), f(mx.array(0))
+    return len(calls) <= 1  # enabled: traced once (or never, if MLX found a cached trace)
+
+
 def _export(flat_fn: Callable, flat_inputs: List[mx.array]) -> List[dict]:
+    # `mx.compile`d code inside (mlx-lm's swiglu, nn.gelu, ...) would be one
+    # Compiled primitive, which export cannot write: trace through it instead.
+    enabled = _compile_enabled()
     items: List[dict] = []
     try:
-        mx.export_function(items.append, flat_fn, *flat_inputs)
+        mx.disable_compile()
+        with trace_scope():
+            mx.export_function(items.append, flat_fn, *flat_inputs)
     except TraceError:
         raise
     except Exception as e:  # export reports every failure as a plain exception
-        raise TraceError(f"{type(e).__name__}: {e}") from e
+        hint = ""
+        if "CustomTransforms" in str(e):
+            hint = (" (an mx.custom_function or mx.checkpoint inside: nn.utils.checkpoint, an mlx_fusion op,"
+                    " a custom vjp)")
+        raise TraceError(f"{type(e).__name__}: {e}{hint}") from e
+    finally:
+        if enabled:
+            mx.enable_compile()
     return items
 
 
-def _to_graph(items: List[dict], rng_key: mx.array) -> Graph:
+# The global key a trace runs with: a constant we recognise by value (a seed
+# no user key is likely to equal), never the caller's key, which may be a
+# compile tracer or an array of another thread.
+_MARK_SEED = 0x6D6C786675736521
+
+
+def _to_graph(items: List[dict], rng_key: Optional[mx.array]) -> Graph:
     values: Dict[str, Value] = {}
 
     def val(t) -> Value:
@@ -139,9 +152,9 @@ def _to_graph(items: List[dict], rng_key: mx.array) -> Graph:
                     params=tuple(item["arguments"]),
                 )
             )
-    # MLX's global random key enters the trace as a constant (the key at trace
-    # time). Baked in, every replay would draw the same "random" numbers, so it
-    # becomes an input that the replay feeds with a fresh key per call.
+    # The global key enters the trace as a constant. Baked in, every replay
+    # would draw the same "random" numbers, so it becomes an input that the
+    # replay feeds with the caller's key each call.
     rng_inputs = []
     for name, arr in list(g.constants.items()) if rng_key is not None else []:
         if arr.dtype == rng_key.dtype and arr.shape == rng_key.shape and mx.array_equal(arr, rng_key).item():
@@ -152,41 +165,102 @@ def _to_graph(items: List[dict], rng_key: mx.array) -> Graph:
     return g
 
 
-def _trace_flat(fn: Callable, params: List[mx.array], args: tuple, kwargs: dict, install=None) -> Graph:
-    """Trace `fn(*args, **kwargs)` with `params` as the first graph inputs.
+def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs: dict,
+                roots: Sequence[Tuple[str, Any]] = ()) -> Graph:
+    """Trace `fn(*args, **kwargs)` with the parameters of `states` as the first graph inputs.
 
-    `install(tracers)` puts the parameter tracers where `fn` reads them.
+    Every module in `states` gets tracers in its parameter slots during the
+    trace and its own arrays back afterwards. Python state reachable from
+    `roots`, the arguments and the modules is checked: a write raises
+    `TraceError` (after undoing it).
     """
     leaves, in_skeleton = flatten_tree((args, kwargs))
+    states = list(states)
+    params = [p for s in states for p in s.read()[0]]
     n = len(params)
     out_info: Dict[str, Any] = {}
+    walked = [(s.label, s.modules[0]) for s in states if s.modules] + list(roots)
+    walked += [(f"args[{i}]", a) for i, a in enumerate(args)] + [(k, v) for k, v in kwargs.items()]
+    snapshot = Snapshot(walked, params_of=[m for s in states for m in s.modules])
+    per_state = [s.read()[0] for s in states]
+    paths = [f"{s.label}.{p}" for s in states for p in s.paths]
 
     def flat_fn(*flat):
-        if install is not None:
-            install(list(flat[:n]))
+        i = 0
+        for s in states:
+            s.install(flat[i: i + len(s.slots)])
+            i += len(s.slots)
         a, k = unflatten_tree(in_skeleton, list(flat[n:]))
+        rebuilt = Snapshot([(f"args[{j}]", x) for j, x in enumerate(a)] + list(k.items()), arrays=False)
         outs, out_info["skeleton"] = flatten_tree(fn(*a, **k))
         if not outs:
             raise TraceError("the function returns no arrays")
+        try:  # an output object holding arrays would be returned as traced, tracers and all
+            call_key(out_info["skeleton"], "the output")
+        except Unsafe as e:
+            raise TraceError(f"{e}, not an array or a list/tuple/dict of arrays") from None
+        # A module that replaced its own arrays (BatchNorm's running stats), or
+        # code that appends to an argument, would lose those writes in a replay.
+        now = [p for s in states for p in s.read()[0]]
+        out_info["wrote"] = [p for p, x, y in zip(paths, now, flat[:n]) if x is not y] + rebuilt.changes()
+        key = mx.random.state[0]
+        if key is not out_info["key"]:  # draws from the global key: return where it ended
+            outs.append(key)
+            out_info["rng_out"] = True
         return outs
 
-    # Evaluate the global key so that it is a leaf of the trace (a constant we
-    # can recognise by value) rather than a pending split from an earlier call.
+    pre_key = mx.random.state[0]
+    mx.random.seed(_MARK_SEED)
+    out_info["key"], out_info["rng_out"] = mx.random.state[0], False
+    failure = None
     try:
-        rng_key = mx.random.state[0]
-        mx.eval(rng_key)
-    except Exception:  # the key is itself a tracer (mx.compile with inputs=mx.random.state)
-        rng_key = None
-    g = _to_graph(_export(flat_fn, list(params) + leaves), rng_key)
+        items = _export(flat_fn, params + leaves)
+    except TraceError as e:
+        failure = e
+    finally:
+        for s, p in zip(states, per_state):
+            s.install(p)
+        mx.random.seed(0)
+        mx.random.state[0][...] = pre_key  # the caller's key, untouched by the trace
+    wrote = out_info.get("wrote", []) + snapshot.changes()
+    snapshot.restore()
+    if failure is not None:
+        raise failure
+    if wrote:
+        raise TraceError(f"writes Python state while running ({', '.join(dict.fromkeys(wrote))}): traced, the "
+                         "write would hold tracer arrays, and a replay would not repeat it")
+    g = _to_graph(items, mx.random.key(_MARK_SEED) if out_info["rng_out"] else None)
+    if out_info["rng_out"] and not g.meta["rng_inputs"]:
+        raise TraceError("draws from the global random key in a way the trace cannot thread through")
     g.meta.update(
         in_skeleton=in_skeleton,
         out_skeleton=out_info["skeleton"],
-        input_paths=[p for p, v in tree_flatten((args, kwargs)) if isinstance(v, mx.array)],
+        input_paths=paths + [p for p, v in tree_flatten((args, kwargs)) if isinstance(v, mx.array)],
         num_params=n,
-        param_paths=[],
+        param_paths=[p for s in states[:1] for p in s.paths],
+        rng_outputs=int(out_info["rng_out"]),
         source=getattr(fn, "__qualname__", type(fn).__name__),
     )
     return g
+
+
+def function_roots(fn: Callable) -> List[Tuple[str, Any]]:
+    """What a function can reach besides its arguments: closure cells, a bound ``self``, named globals."""
+    roots = []
+    self_ = getattr(fn, "__self__", None)
+    if self_ is not None and not isinstance(self_, types.ModuleType):
+        roots.append(("self", self_))
+    code = getattr(fn, "__code__", None)
+    for name, cell in zip(code.co_freevars if code else (), getattr(fn, "__closure__", None) or ()):
+        try:
+            roots.append((name, cell.cell_contents))
+        except ValueError:  # an empty cell
+            pass
+    env = getattr(fn, "__globals__", None) or {}
+    for name in code.co_names if code else ():  # globals its own code names (a module-level list)
+        if name in env and not isinstance(env[name], (types.ModuleType, type, types.FunctionType)):
+            roots.append((name, env[name]))
+    return roots
 
 
 def trace(fn: Callable, *example_args, **example_kwargs) -> Graph:
@@ -194,8 +268,9 @@ def trace(fn: Callable, *example_args, **example_kwargs) -> Graph:
 
     Args:
         fn (Callable or nn.Module): the function to capture. For an
-          ``nn.Module`` the parameters (``module.parameters()``, flattened) are
-          the first graph inputs, so a replay sees optimizer updates.
+          ``nn.Module`` the parameters (``module.parameters()``, flattened,
+          each array once) are the first graph inputs, so a replay sees
+          optimizer updates; so are those of modules passed as arguments.
         *example_args, **example_kwargs: pytrees of arrays (and static Python
           values) to trace with; shapes and dtypes are fixed by the trace.
 
@@ -206,13 +281,15 @@ def trace(fn: Callable, *example_args, **example_kwargs) -> Graph:
     Raises:
         TraceError: ``export_function`` failed (``.item()``, data-dependent
           control flow, a ``custom_function`` inside, ...), the function returns
-          no arrays, or a module changed its own parameters while running.
+          no arrays, or it writes Python state it can reach (its module's
+          parameters or attributes, an argument, a closure variable).
     """
     if isinstance(fn, nn.Module):
         return trace_module(fn, type(fn).__call__, *example_args, **example_kwargs)
     if not callable(fn):
         raise TypeError(f"trace() needs a callable or nn.Module, got {type(fn).__name__}")
-    return _trace_flat(fn, [], example_args, example_kwargs)
+    states = [ModuleState(m) for m in _modules_in((example_args, example_kwargs))]
+    return _trace_flat(fn, states, example_args, example_kwargs, function_roots(fn))
 
 
 def trace_module(module: nn.Module, forward: Callable, *args, **kwargs) -> Graph:
@@ -223,27 +300,14 @@ def trace_module(module: nn.Module, forward: Callable, *args, **kwargs) -> Graph
           tracers during the trace and restored afterwards.
         forward (Callable): the unbound forward, usually ``type(module).__call__``.
     """
-    paths, params = module_parameters(module)
-    installed: List[mx.array] = []
+    return trace_module_with(ModuleState(module), forward, args, kwargs)
 
-    def install(tracers):
-        installed[:] = tracers
-        module.update(tree_unflatten(list(zip(paths, tracers))))
 
-    def call(*a, **k):
-        out = forward(module, *a, **k)
-        now = module_parameters(module)[1]
-        # A module that writes its own state (BatchNorm running stats) would
-        # lose those writes in a replay: refuse rather than be silently wrong.
-        if len(now) != len(installed) or any(x is not y for x, y in zip(now, installed)):
-            raise TraceError(f"{type(module).__name__} changes its own parameters/state while running")
-        return out
-
-    try:
-        g = _trace_flat(call, params, args, kwargs, install)
-    finally:
-        module.update(tree_unflatten(list(zip(paths, params))))
-    g.meta["param_paths"] = paths
-    g.meta["input_paths"] = [f"params.{p}" for p in paths] + g.meta["input_paths"]
-    g.meta["source"] = type(module).__name__
+def trace_module_with(state: ModuleState, forward: Callable, args: tuple, kwargs: dict) -> Graph:
+    """`trace_module` for a caller that has the module's `ModuleState` (and more modules in `args`)."""
+    module = state.modules[0]
+    more = [ModuleState(m) for m in _modules_in((args, kwargs)) if m is not module]
+    g = _trace_flat(lambda *a, **k: forward(module, *a, **k), [state] + more, args, kwargs)
+    g.meta["input_paths"][: len(state.paths)] = [f"params.{p}" for p in state.paths]
+    g.meta["source"] = _name(module)
     return g

@@ -19,6 +19,7 @@ from typing import Union
 import mlx.core as mx
 
 from .. import kernels
+from .._tracing import tracing
 from ..kernels import KernelSpec
 from ..patterns import (Activation, BinaryActivation, BinaryOp, activation_reference, activation_spellings,
                         as_activation, as_binary_op)
@@ -174,6 +175,8 @@ def fused_binary(
         array: the same values as the unfused ``act(a op b)`` in MLX.
     """
     op, act = as_binary_op(op), as_activation(activation)
+    if tracing():  # inside a fuse() trace: plain MLX ops, which the trace can capture and re-match
+        return binary_reference(a, b, op, act, relu_at_zero)
     # Fast path (the common call): two arrays of one fusable dtype.
     if type(a) is mx.array and type(b) is mx.array and a.dtype == b.dtype and a.dtype in FUSABLE:
         shape = a.shape if a.shape == b.shape else None

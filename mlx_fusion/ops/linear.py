@@ -25,6 +25,7 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from .. import kernels
+from .._tracing import tracing
 from ..kernels import KernelSpec
 from ..patterns import Activation, LinearLayer, activation_reference, activation_spellings, as_activation
 from .base import FusedOp, OpCase, Spelling, Workload
@@ -199,6 +200,8 @@ def fused_linear(
         array: ``(..., out)``, the same values as the unfused expression.
     """
     act = as_activation(activation, allow_none=True)
+    if tracing():  # inside a fuse() trace: plain MLX ops, which the trace can capture and re-match
+        return linear_reference(x, weight, bias, act, relu_at_zero)
     arrays = [x, weight] + ([bias] if bias is not None else [])
     if not all(isinstance(t, mx.array) for t in arrays):
         raise TypeError("fused_linear: x, weight and bias must be mx.array")

@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import kernels
+from .._tracing import tracing
 from ..kernels import KernelSpec
 from ..patterns import (Activation, ScalarActivation, ScalarOp, activation_reference, activation_spellings,
                         as_activation)
@@ -157,6 +158,8 @@ def fused_scalar(
             ``1.0`` as ``mx.maximum(0, z)``. Default: ``0.0``.
     """
     act = as_activation(activation)
+    if tracing():  # inside a fuse() trace: plain MLX ops, which the trace can capture and re-match
+        return scalar_reference(x, scale, shift, act, relu_at_zero)
     if not isinstance(x, mx.array):
         x = mx.array(x)
     s, t = _check_number("scale", scale), _check_number("shift", shift)

@@ -1,0 +1,265 @@
+"""`fuse(module)`: a module of a subclass of the original class with a fused ``__call__``.
+
+The fused module is a copy of the original's top level that shares its
+children and arrays, so ``isinstance``, attributes, ``parameters()``,
+``update()``, ``freeze()``, ``train()``/``eval()`` and save/load_weights behave
+as before. Each call first takes over what was changed on the *original*'s
+top level since the last call (``model.weight = w2`` on the module passed to
+`fuse`), so both objects run the same parameters.
+
+A call that cannot be traced safely as a whole (an argument is a stateful
+object such as a KV cache, the code writes its own state, a trace fails)
+runs the module's own forward with its direct children fused ("split"): while
+it runs, each child module's class is swapped for its fused class, so a child
+called with arrays only (a transformer block's MLP) is traced once and
+replayed, and a child called with the cache splits again. The classes are
+restored when the call returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from operator import is_
+from typing import List, Tuple
+
+import mlx.nn as nn
+
+from ._fusion_state import _FusionState, compile_like_mlx, signature
+from ._tracing import tracing
+from .graph.module_state import ModuleState
+from .graph.trace import call_key, flatten_call, flatten_tree, trace_module_with
+from .graph.module_state import Unsafe
+
+__all__ = ["FusedModule", "fuse_module", "fused_class"]
+
+_local = threading.local()  # id(child) -> its _FusionState while a split call runs
+_SPLIT_REASONS = ("could not trace", "writes Python state")
+
+
+def _child_states() -> dict:
+    d = getattr(_local, "states", None)
+    if d is None:
+        d = _local.states = {}
+    return d
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_of(cls: type):
+    return super(FusedModule, cls).__call__
+
+
+class FusedModule:
+    """Mixin put in front of a module's class by `fuse`: only ``__call__`` changes."""
+
+    fusion_stats = property(lambda self: self._fusion.stats)
+    fusion_graphs = property(lambda self: self._fusion.graphs)
+    fusion_fallbacks = property(lambda self: self._fusion.fallbacks)
+
+    def __call__(self, *args, **kwargs):
+        forward = _forward_of(type(self))
+        state = self.__dict__.get("_fusion") or _child_states().get(id(self))
+        if state is None or tracing():  # inside a trace (or a child seen from another thread): plain MLX
+            return forward(self, *args, **kwargs)
+        state.calls += 1
+        cfg = state.config()
+        if not cfg.enabled:
+            return forward(self, *args, **kwargs)
+        if state.origin is not None:
+            state.origin.pull(self)
+        if not kwargs and all(type(a) is _array for a in args):
+            leaves, structure = args, len(args)
+        else:
+            try:
+                leaves, structure, modules = flatten_call(args, kwargs)
+            except Unsafe as e:  # a cache object: attention and cache stay plain MLX
+                return _split(self, state, forward, str(e), args, kwargs)
+            if modules:
+                return _split(self, state, forward, "a module is passed as an argument", args, kwargs)
+        if state.writes:  # code that writes its own state: each call would retrace
+            return _split(self, state, forward, state.writes, args, kwargs)
+        ms = state.module_state
+        if ms is None or not ms.valid():
+            ms = state.module_state = ModuleState(self)
+        if ms.unsafe:  # an attribute that cannot be keyed
+            return _split(self, state, forward, ms.unsafe, args, kwargs)
+        params, flags = ms.read()  # Dropout & co. read their own flag: all are in the key
+        key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
+               signature(leaves))
+        loose = None if type(structure) is int else (lambda: key[:3] + (_loose(args, kwargs),) + key[4:])
+        entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose)
+        if entry.fallback is None:
+            if entry.direct:
+                return _direct(self, state, forward, entry, params, args, kwargs)
+            out = state.run(entry, params + list(leaves))
+            if entry.fallback is None:
+                return out
+        if entry.fallback.startswith(_SPLIT_REASONS):
+            if "writes Python state" in entry.fallback:
+                state.writes = entry.fallback
+            return _split(self, state, forward, entry.fallback, args, kwargs)
+        return forward(self, *args, **kwargs)
+
+    def fusion_states(self) -> List[Tuple[str, _FusionState]]:
+        """(name, state) of this module and of every child fused by a split call, recursively."""
+        out, todo = [], [self._fusion]
+        while todo:
+            s = todo.pop()
+            out.append((s.name, s))
+            todo += [kid[3] for kid in s.kids.values()]
+        return out
+
+    def clear_fusion_cache(self) -> None:
+        """Forget all traces (e.g. after replacing a submodule's code)."""
+        for _, s in self.fusion_states():
+            s.cache.clear()
+            s.loose.clear()
+            s.writes, s.inert, s.calls, s.fused = None, False, 0, 0
+
+    def __reduce_ex__(self, protocol):
+        # copy.deepcopy and pickle: the same module with a fresh (empty) trace cache.
+        base = type(self).__bases__[1]
+        f = self._fusion
+        attrs = {k: v for k, v in self.__dict__.items() if k != "_fusion"}
+        return _rebuild, (base, f.name, f._config, f.compile), attrs, None, iter(dict.items(self))
+
+
+def _loose(args, kwargs):
+    return call_key(flatten_tree((args, kwargs))[1], loose=True)
+
+
+def _direct(module, state, forward, entry, params, args, kwargs):
+    """The original forward; under ``mx.compile`` with the parameters as inputs if the state compiles."""
+    if not state.compile or entry.eager:
+        return forward(module, *args, **kwargs)
+    if entry.replay is None:  # one compiled function per entry: its key covers what compile's does not
+
+        def call(params, *a, **k):
+            ms = state.module_state
+            saved = ms.read()[0]
+            ms.install(params)
+            try:
+                return forward(module, *a, **k)
+            finally:
+                ms.install(saved)
+
+        entry.replay = compile_like_mlx(call, entry.rng_out, args, kwargs)
+    return entry.replay(params, *args, **kwargs)
+
+
+def _children(module: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The modules directly below `module` (through dicts and lists, not through other modules)."""
+    found, seen = [], set()
+
+    def visit(c, where):
+        for k, v in (enumerate(c) if isinstance(c, list) else c.items()):
+            if isinstance(v, nn.Module):
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    found.append((f"{where}{k}", v))
+            elif isinstance(v, (dict, list)):
+                visit(v, f"{where}{k}.")
+
+    visit(module, "")
+    return found
+
+
+def _inert(s: _FusionState) -> bool:
+    """A child not worth swapping in any more: called twice or more, and nothing in it fused.
+
+    Each fused call costs a key check; a split model (decoding with a cache)
+    makes one per child per token. Children whose traces fused nothing (a
+    projection, a norm, RoPE) and split children whose own children are all
+    inert then run as plain MLX. Only speed depends on this: a fusion a later
+    shape would have found is missed, never a result changed.
+    """
+    if not s.inert and s.calls >= 2 and s.fused == 0 and all(_inert(k[3]) for k in s.kids.values()):
+        s.inert = True
+    return s.inert
+
+
+def _split(module, state: _FusionState, forward, reason: str, args, kwargs):
+    """Run the module's own forward with its direct children fused (module docstring)."""
+    state.split[reason] = state.split.get(reason, 0) + 1
+    registry = _child_states()
+    swapped = []
+    try:
+        for path, child in _children(module):
+            cls = type(child)
+            if isinstance(child, FusedModule):
+                continue  # fused by the user, or swapped by an enclosing call
+            kid = state.kids.get(id(child))
+            if kid is None or kid[0] is not child or kid[1] is not cls:
+                cs = _FusionState(f"{state.name}.{path}", state._config, state.compile, split_reasons=_SPLIT_REASONS)
+                kid = state.kids[id(child)] = (child, cls, fused_class(cls), cs)
+            elif _inert(kid[3]):
+                continue
+            try:
+                child.__class__ = kid[2]
+            except TypeError:  # a class whose layout forbids the swap stays unfused
+                continue
+            swapped.append((child, cls, registry.get(id(child))))
+            registry[id(child)] = kid[3]
+        return forward(module, *args, **kwargs)
+    finally:
+        for child, cls, previous in swapped:
+            child.__class__ = cls
+            if previous is None:
+                registry.pop(id(child), None)
+            else:
+                registry[id(child)] = previous
+
+
+class _Origin:
+    """The module passed to `fuse`: what changed on its top level since the last call."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self._snap()
+
+    def _snap(self):
+        m = self.module
+        self.items, self.attrs = dict(dict.items(m)), dict(m.__dict__)
+        self.values, self.attr_values = tuple(dict.values(m)), tuple(m.__dict__.values())
+
+    def pull(self, fused: nn.Module) -> None:
+        m = self.module
+        if (len(m) == len(self.values) and all(map(is_, dict.values(m), self.values))
+                and len(m.__dict__) == len(self.attr_values) and all(map(is_, m.__dict__.values(), self.attr_values))):
+            return
+        for k in self.items:
+            if k not in m:
+                dict.pop(fused, k, None)
+        for k, v in dict.items(m):
+            if self.items.get(k, self) is not v:
+                dict.__setitem__(fused, k, v)
+        for k, v in m.__dict__.items():
+            if k not in ("_fusion", "_no_grad") and self.attrs.get(k, self) is not v:
+                fused.__dict__[k] = v
+        self._snap()
+
+
+def _rebuild(base: type, name: str, config, compile: bool) -> nn.Module:
+    obj = fused_class(base).__new__(fused_class(base))
+    object.__setattr__(obj, "_fusion", _FusionState(name, config, compile, split_reasons=_SPLIT_REASONS))
+    return obj
+
+
+@functools.lru_cache(maxsize=None)
+def fused_class(cls: type) -> type:
+    return type(f"Fused{cls.__name__}", (FusedModule, cls), {"__module__": cls.__module__})
+
+
+def fuse_module(module: nn.Module, config, compile: bool) -> nn.Module:
+    cls = fused_class(type(module))
+    fused = cls.__new__(cls)  # no __init__: the state is copied below
+    fused.__dict__.update(module.__dict__)
+    fused.__dict__["_no_grad"] = set(module.__dict__.get("_no_grad", ()))
+    dict.update(fused, module)
+    state = _FusionState(type(module).__name__, config, compile, split_reasons=_SPLIT_REASONS)
+    state.origin = _Origin(module)
+    object.__setattr__(fused, "_fusion", state)
+    return fused
+
+
+from mlx.core import array as _array  # noqa: E402

@@ -1,0 +1,216 @@
+"""The trace cache of one fused object, shared by fused functions and modules.
+
+One `_Entry` per key (see docs/never-wrong.md for what a key covers). An entry
+replays the fused graph, or runs the original callable directly when its
+trace ended with no fusion (``direct``: nothing to gain, so no interpreter in
+between), or holds the reason the call runs unfused.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from operator import is_
+from typing import Any, Callable, Dict, List, Optional
+
+import mlx.core as mx
+
+from .config import get_config
+from .graph.interpreter import UnsupportedPrimitive, plan
+from .graph.ir import Graph
+from .graph.module_state import Hashed
+from .graph.trace import TraceError, unflatten_tree
+
+__all__ = ["FusionFallbackWarning", "REGISTRY", "optimizer_stats", "compile_like_mlx", "signature"]
+
+
+class FusionFallbackWarning(UserWarning):
+    """A fused object runs its original, unfused code (see the message for why)."""
+
+
+REGISTRY: "weakref.WeakSet[_FusionState]" = weakref.WeakSet()
+
+
+def optimizer_stats():
+    from .graph.optimizer import FusionStats
+
+    return FusionStats()
+
+
+def compile_like_mlx(fn: Callable, random: bool, args=(), kwargs=None) -> Callable:
+    """``mx.compile(fn)``; one that draws from MLX's global key gets it as state, so each call differs.
+
+    Arguments ``mx.compile`` refuses (NumPy scalars, modules) leave `fn` uncompiled.
+    """
+    from mlx.utils import tree_flatten
+
+    if not all(type(v) in _COMPILE_LEAVES for _, v in tree_flatten((args, kwargs or {}))):
+        return fn
+    if random:
+        state = [mx.random.state]
+        return mx.compile(fn, inputs=state, outputs=state)
+    return mx.compile(fn)
+
+
+_COMPILE_LEAVES = (mx.array, int, float, str, bool, type(None))
+
+
+def signature(leaves) -> tuple:
+    return tuple([(a.shape, a.dtype) for a in leaves])
+
+
+class _Entry:
+    """One cached trace: its replay and output skeleton, the direct path, or the fallback reason."""
+
+    __slots__ = ("replay", "out_skeleton", "fallback", "checked", "direct", "rng_out", "eager")
+
+    def __init__(self, replay=None, out_skeleton=None, fallback: Optional[str] = None):
+        self.replay, self.out_skeleton, self.fallback, self.checked = replay, out_skeleton, fallback, False
+        self.direct = False  # the trace fused nothing: run the original callable
+        self.rng_out = False  # the last replay output is the global key after the call
+        self.eager = False  # direct, and run eagerly even when the state compiles (see `entry`)
+
+
+_EAGER = _Entry()
+_EAGER.direct = _EAGER.eager = True
+
+
+class _FusionState:
+    """Cache, graphs and statistics of one fused object."""
+
+    def __init__(self, name: str, config, compile: bool, split_reasons: tuple = ()):
+        self.name, self._config, self.compile = name, config, compile
+        self.split_reasons = split_reasons  # modules: fallbacks that still run fused children
+        self.cache: Dict[Any, _Entry] = {}
+        self.loose: Dict[Any, _Entry] = {}  # first entry per loose key (see `entry`)
+        self.graphs: List[Graph] = []
+        self.stats = optimizer_stats()
+        self.fallbacks: Dict[str, int] = {}  # reason -> number of traces that fell back
+        self.split: Dict[str, int] = {}  # modules: reason -> calls run with fused children instead
+        self.extra: Dict[str, Any] = {}  # functions: ModuleStates of module arguments
+        self.writes: Optional[str] = None  # the code writes Python state: never trace again
+        # Modules only: the original (`_Origin`), the current ModuleState, the
+        # children of split calls (id -> (child, class, fused class, state)).
+        self.origin, self.module_state, self.kids = None, None, {}
+        self.calls, self.fused, self.inert = 0, 0, False  # see _fused_module._inert
+        self._last = (None, None, None, None)  # (config, its key, params, their signature)
+        REGISTRY.add(self)
+
+    def config(self):
+        return self._config if self._config is not None else get_config()
+
+    def config_key(self, cfg) -> "Hashed":
+        """`cfg` as a key part with its hash computed once (a dataclass hashes all its fields)."""
+        last = self._last
+        if cfg is last[0]:
+            return last[1]
+        key = Hashed(cfg)
+        self._last = (cfg, key) + last[2:]
+        return key
+
+    def params_signature(self, params: List[mx.array]) -> tuple:
+        """`signature(params)`, reused while the very same arrays are passed (inference)."""
+        last = self._last
+        if last[2] is not None and len(params) == len(last[2]) and all(map(is_, params, last[2])):
+            return last[3]
+        sig = signature(params)
+        self._last = last[:2] + (params, sig)
+        return sig
+
+    def entry(self, key, make_graph: Callable[[], Graph], cfg, params=(), training=False, loose=None) -> _Entry:
+        """The entry for `key`, tracing on a miss.
+
+        `loose()` gives the key with numbers keyed by type only. A miss whose
+        loose key belongs to an entry that fused nothing runs the original
+        eagerly without a trace: a scalar that changes every call (RoPE's
+        ``offset`` during decoding) would otherwise retrace, and recompile,
+        each call for nothing.
+        """
+        entry = self.cache.get(key)
+        if entry is None:
+            loose = loose() if loose is not None else None
+            if loose is not None:
+                seen = self.loose.get(loose)
+                if seen is not None and seen.direct:
+                    return _EAGER
+            entry = self.cache[key] = self._build(make_graph, cfg, params, training)
+            if loose is not None:
+                self.loose.setdefault(loose, entry)
+        return entry
+
+    def _build(self, make_graph, cfg, params=(), training=False) -> _Entry:
+        from .graph.optimizer import FusionOptimizer
+        from .tracker import price
+
+        try:
+            graph = make_graph()
+        except TraceError as e:
+            return self.fall_back(f"could not trace: {e.reason}")
+        except Exception as e:  # the user's own error (the original raises it again) or a bug here
+            return self.fall_back(f"could not trace: {type(e).__name__}: {e}")
+        # Neural Engine offload runs first, on the plain trace (docs/neural-engine.md).
+        offloaded = _offload(graph, cfg, params, training) if cfg.neural_engine else 0
+        try:
+            stats = FusionOptimizer(cfg, price=price, compiled_replay=self.compile and not offloaded).optimize(graph)
+            graph.lint()
+        except Exception as e:  # a bug in a rewrite must not break the user's model
+            return self.fall_back(f"fusion pass failed: {type(e).__name__}: {e}")
+        self.graphs.append(graph)
+        self.stats.merge(stats)
+        if stats.applied_count == 0 and not offloaded:
+            # Nothing fused: the original code is at least as fast as any replay of it.
+            entry = _Entry(out_skeleton=graph.meta["out_skeleton"])
+            entry.direct, entry.rng_out = True, bool(graph.meta.get("rng_outputs"))
+            return entry
+        try:
+            # Core ML blocks read their inputs as NumPy, which mx.compile forbids.
+            replay = plan(graph, compile=self.compile and not offloaded)
+        except UnsupportedPrimitive as e:
+            return self.fall_back(str(e))
+        self.fused += 1
+        entry = _Entry(replay, graph.meta["out_skeleton"])
+        entry.rng_out = bool(graph.meta.get("rng_outputs"))
+        return entry
+
+    def run(self, entry: _Entry, inputs: List[mx.array]):
+        """Replay; the first run of an entry is guarded so a replay bug falls back."""
+        if entry.checked:
+            out = entry.replay(inputs)
+        else:
+            try:
+                out = entry.replay(inputs)
+            except Exception as e:
+                entry.fallback = f"replay failed: {type(e).__name__}: {e}"
+                self.fall_back(entry.fallback)
+                return None
+            entry.checked = True
+        if entry.rng_out:  # the key after the call's draws, as the unfused draws leave it
+            mx.random.state[0][...] = out[-1]
+        return unflatten_tree(entry.out_skeleton, out)
+
+    def fall_back(self, reason: str, stacklevel: int = 5) -> _Entry:
+        if reason not in self.fallbacks:
+            how = ("runs its own code unfused (its child modules still fused)" if reason.startswith(self.split_reasons)
+                   else "runs unfused")
+            warnings.warn(f"mlx_fusion: {self.name} {how}: {reason}", FusionFallbackWarning, stacklevel=stacklevel)
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+        return _Entry(fallback=reason)
+
+    def summary(self) -> dict:
+        return {"name": self.name, "traces": len(self.graphs), **self.stats.as_dict(),
+                "fallbacks": dict(self.fallbacks), "split": dict(self.split)}
+
+
+def _offload(graph: Graph, cfg, params, training: bool) -> int:
+    """Run the Core ML offload pass; returns the number of blocks offloaded."""
+    from .coreml.runtime import CoreMLTrainingError, offload_graph
+
+    names = [v.name for v in graph.inputs[: graph.meta.get("num_params", 0)]]
+    try:
+        return offload_graph(graph, cfg, param_values=dict(zip(names, params)), training=training).count
+    except CoreMLTrainingError:
+        raise
+    except Exception as e:  # offload is an optimization: a failure leaves the graph to MLX
+        warnings.warn(f"mlx_fusion: Neural Engine offload failed, running on MLX: {type(e).__name__}: {e}",
+                      FusionFallbackWarning, stacklevel=6)
+        return 0

@@ -1,0 +1,79 @@
+"""A trace that fuses nothing runs the original callable; tracing leaves MLX's compile switch as it was."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx_fusion.graph.optimizer")
+
+from mlx_fusion.config import FusionConfig  # noqa: E402
+from mlx_fusion.fuse import fuse  # noqa: E402
+from mlx_fusion.graph import interpreter  # noqa: E402
+from mlx_fusion.graph.trace import _compile_enabled, trace  # noqa: E402
+
+ALL = FusionConfig(min_tensor_size=0)
+NOTHING = FusionConfig(min_tensor_size=1 << 40)  # no match is ever big enough
+X = mx.random.normal((4, 8), key=mx.random.key(0))
+
+
+@pytest.fixture
+def no_replay(monkeypatch):
+    """Any replay of a graph fails the test: the original must run."""
+
+    def refuse(self, inputs):
+        raise AssertionError("a graph was replayed")
+
+    monkeypatch.setattr(interpreter.Replay, "__call__", refuse)
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_zero_fusion_function_and_module_run_the_original(no_replay, compile):
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    fm = fuse(mlp, NOTHING, compile=compile)
+    ff = fuse(lambda x: mx.tanh(x) * 2, NOTHING, compile=compile)
+    for _ in range(3):
+        assert mx.allclose(fm(X), nn.Sequential.__call__(mlp, X)).item()
+        assert mx.allclose(ff(X), mx.tanh(X) * 2).item()
+    assert len(fm.fusion_graphs) == 1 and fm.fusion_stats.applied_count == 0
+    assert all(e.direct for e in fm._fusion.cache.values())
+
+
+def test_zero_fusion_module_sees_parameter_updates_under_compile():
+    lin = nn.Linear(8, 8)
+    f = fuse(lin, NOTHING)
+    f(X)
+    f.update({"weight": mx.zeros((8, 8))})
+    assert mx.allclose(f(X), mx.broadcast_to(lin.bias, (4, 8))).item()
+    loss = lambda m: m(X).sum()  # noqa: E731
+    g = nn.value_and_grad(f, loss)(f)[1]
+    np.testing.assert_allclose(np.array(g["weight"]), np.array(mx.broadcast_to(X.sum(0), (8, 8))), rtol=1e-5)
+
+
+def test_zero_fusion_dropout_draws_fresh_masks_under_compile():
+    d = fuse(nn.Dropout(0.5), NOTHING)
+    x = mx.ones((256,))
+    masks = {np.array(d(x) != 0).tobytes() for _ in range(4)}
+    assert len(masks) == 4
+
+
+def test_tracing_restores_the_compile_switch():
+    fn = lambda x: mx.compile(lambda y: nn.silu(y) * y)(x) + 1  # noqa: E731 (a Compiled primitive inside)
+    assert _compile_enabled()
+    g = trace(fn, X)
+    assert "Compiled" not in g.op_counts() and _compile_enabled()
+    mx.disable_compile()
+    try:
+        trace(fn, X)
+        assert not _compile_enabled()  # the user's choice stays
+    finally:
+        mx.enable_compile()
+
+
+def test_compiled_subfunction_is_traced_through_and_fused():
+    w, b = mx.random.normal((8, 8)), mx.random.normal((8,))
+    act = mx.compile(nn.relu)
+    fn = lambda x: act(x @ w.T + b)  # noqa: E731
+    f = fuse(fn, ALL, compile=False)
+    assert mx.allclose(f(X), fn(X)).item()
+    assert f.stats.applied_count >= 1 and not f.fallbacks
