@@ -2,13 +2,15 @@
 # One device-machine session (NVIDIA H100/H200 through MLX's CUDA backend).
 #   bash tools/gpu_session.sh STEP...   steps: unroll, tests, bench, models, linear, ncu
 # (env: TESTS, TESTS_K for pytest; BENCH_ARGS, BENCH_NAME for benchmarks/ops.py; MODELS for bench --model)
-# Expects .device/mlx-cuda (python3 ../shared/tools/mlx_cuda_bundle.py) and $OUT.
+# Expects .device/mlx-cuda (python3 ../shared/tools/mlx_cuda_bundle.py) and $OUT; mlx-lm (a copy of its
+# package folder) in .device/py for the mlx-lm tests and `bench --model mlx-lm:...` SPECs.
+# NOPRIORS=0 skips the models step's second run without the shipped priors.
 # MLX's JIT cache travels in .device/ptx (saved back to $OUT/ptx.tgz) so later
 # sessions skip the kernel compiles.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 bash .device/mlx-cuda/install.sh >/dev/null || exit 1
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MLX_PTX_CACHE_DIR=$PWD/.device/ptx MLX_FUSION_CACHE=/tmp/mfc
+export PYTHONPATH=$PWD:$PWD/.device/py PYTHONUNBUFFERED=1 MLX_PTX_CACHE_DIR=$PWD/.device/ptx MLX_FUSION_CACHE=/tmp/mfc
 mkdir -p .device/ptx
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in "$@"; do
@@ -20,7 +22,7 @@ for step in "$@"; do
     models) for spec in ${MODELS:-mlp:width=4096,depth=6,batch=8192,dtype=bfloat16}; do
               COLUMNS=200 python3 -m mlx_fusion bench --model "$spec" --json "$OUT/model-${spec%%:*}.json" 2>&1 \
                 | tee -a "$OUT/models.txt"
-              MLX_FUSION_NO_PRIORS=1 COLUMNS=200 python3 -m mlx_fusion bench --model "$spec" \
+              [ "${NOPRIORS:-1}" = 0 ] || MLX_FUSION_NO_PRIORS=1 COLUMNS=200 python3 -m mlx_fusion bench --model "$spec" \
                 --json "$OUT/model-${spec%%:*}-nopriors.json" 2>&1 | tee -a "$OUT/models.txt"; done ;;
     linear) python3 tools/gpu_linear_probe.py ${PROBE_PARTS:-} 2>&1 | tee "$OUT/linear_probe.txt" ;;
     ncu) for v in compile small_m; do for m in 1 32; do
