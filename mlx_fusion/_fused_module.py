@@ -70,10 +70,16 @@ class FusedModule:
         if not kwargs and all(type(a) is _array for a in args):
             leaves, structure = args, len(args)
         else:
+            kinds = _arg_kinds(args, kwargs)
+            if kinds in state.plain_calls:  # a decode step: everything below runs plain (see _split)
+                return forward(self, *args, **kwargs)
             try:
                 leaves, structure, modules = flatten_call(args, kwargs)
             except Unsafe as e:  # a cache object: attention and cache stay plain MLX
-                return _split(self, state, forward, str(e), args, kwargs)
+                out = _split(self, state, forward, str(e), args, kwargs)
+                if state.kids and all(_inert(k[3]) for k in state.kids.values()):
+                    state.plain_calls.add(kinds)
+                return out
             if modules:
                 return _split(self, state, forward, "a module is passed as an argument", args, kwargs)
         if state.writes:  # code that writes its own state: each call would retrace
@@ -115,6 +121,7 @@ class FusedModule:
             s.cache.clear()
             s.loose.clear()
             s.writes, s.inert, s.calls, s.fused = None, False, 0, 0
+            s.plain_calls.clear()
 
     def __reduce_ex__(self, protocol):
         # copy.deepcopy and pickle: the same module with a fresh (empty) trace cache.
@@ -145,6 +152,22 @@ def _direct(module, state, forward, entry, params, args, kwargs):
 
         entry.replay = compile_like_mlx(call, entry.rng_out, args, kwargs)
     return entry.replay(params, *args, **kwargs)
+
+
+def _arg_kinds(args, kwargs) -> tuple:
+    """The types of a call's arguments (and of a list's first item): cheap to compute.
+
+    A split call whose children have all become inert runs exactly the module's
+    own forward; later calls with the same kinds of arguments skip the checks
+    that would arrive there again (one per decoded token). Kinds can only
+    confuse calls that differ deeper down, and then a fusion is missed, never a
+    result changed.
+    """
+    def kind(v):
+        t = type(v)
+        return (t, type(v[0])) if (t is list or t is tuple) and v else t
+
+    return tuple(kind(a) for a in args) + tuple((k, kind(v)) for k, v in kwargs.items())
 
 
 def _children(module: nn.Module) -> List[Tuple[str, nn.Module]]:

@@ -138,3 +138,14 @@ def test_compiled_training_step_same_losses(compile):
         losses[name] = [step().item() for _ in range(4)]
     np.testing.assert_allclose(losses["fused"], losses["plain"], rtol=1e-4)
     assert losses["plain"][-1] < losses["plain"][0]
+
+
+def test_decode_with_nothing_fused_below_runs_the_plain_forward(model):
+    """Once every child of a split call is inert, later decode steps skip the split checks, same tokens."""
+    want = greedy(model, "kv", 12)
+    fused = fuse(model, ALL)
+    assert greedy(fused, "kv", 12) == want
+    splits = sum(fused._fusion.split.values())
+    assert fused._fusion.plain_calls and splits < 12  # the shortcut took over after the first steps
+    assert greedy(fused, "kv", 12) == want
+    assert sum(fused._fusion.split.values()) == splits
