@@ -6,7 +6,8 @@ mlx_lm.models.activations) and of gemma (``nn.gelu_approx(gate) * x``). One
 metal_src/) and whose vjp runs `glu_backward`: the backward keeps only g and u
 (not act(g), not the product) and recomputes act(g) in the kernel that writes
 ``dg = dy * u * act'(g)`` and ``du = dy * act(g)``. On the CPU, where MLX has no
-custom-kernel API, both are the same math as MLX expressions under `mx.compile`.
+custom-kernel API, `fused_glu` runs MLX's own expression under `mx.compile`
+instead (see `_cpu_glu` for why), and MLX's autodiff differentiates it.
 
 Only two arrays of one shape and one fusable dtype are fused; anything else
 (broadcast operands, mixed or integer dtypes, empty arrays) runs the unfused
@@ -86,13 +87,28 @@ def launch_glu_backward(act: Activation, g: mx.array, u: mx.array, dy: mx.array)
 # --- the fused primitive ---------------------------------------------------------------
 
 @lru_cache(maxsize=None)
+def _cpu_glu(act: Activation):
+    """The CPU path: act(g) * u as MLX code under `mx.compile` (one loop when called eagerly).
+
+    Not a custom vjp: under mx.grad / mx.vjp the inputs are tracers, and MLX runs a compiled
+    function with tracer inputs op by op, so a custom vjp's "fused" CPU backward runs eagerly,
+    and recomputing act(g) there costs a second sigmoid/erf/tanh pass. Measured on this
+    repository's CPU machine (docs/llm-ops.md) that made eager fwd+bwd 1.6x slower than the
+    unfused code; MLX's own expression is exactly as fast as unfused code eagerly and fuses
+    with its neighbours inside an outer mx.compile. (The GPU paths keep the memory-lean vjp.)
+    """
+    return cpu_compile(lambda g, u: act.reference(g) * u, act)
+
+
+@lru_cache(maxsize=None)
 def _glu_primitive(act: Activation):
     fn = act.reference
 
     def reference(g, u):
         return fn(g) * u
 
-    # CPU: the kernels' math in float32 (one rounding), fused by mx.compile into one loop.
+    # Only reached on the CPU when the device changes between the call and its vjp (fused_glu
+    # sends CPU calls to _cpu_glu): the kernels' math in float32 as MLX expressions.
     cpu_forward = cpu_compile(lambda g, u: (fn(f32(g)) * f32(u)).astype(g.dtype), act)
 
     @mx.compile
@@ -136,6 +152,8 @@ def fused_glu(g: mx.array, u: mx.array, activation: Union[str, Activation] = "si
     act = _gate(activation)
     if (isinstance(g, mx.array) and isinstance(u, mx.array) and g.dtype == u.dtype
             and g.dtype in FUSED_DTYPES and g.shape == u.shape and g.size):
+        if kernels.kernel_backend() is None:
+            return _cpu_glu(act)(g, u)
         return _glu_primitive(act)(g, u)
     return glu_reference(g, u, act)
 
