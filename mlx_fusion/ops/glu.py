@@ -167,8 +167,10 @@ def _spelling(act: Activation, gate_first: bool) -> Spelling:
         (g, u), out = m.args, m.output
         if m.is_constant(g) or m.is_constant(u):
             return None  # act(g) * 2.0 is not a gated unit
-        if not (tuple(g.shape) == tuple(u.shape) == tuple(out.shape)):
+        if m.unbroadcast(g)[1] or m.unbroadcast(u)[1]:
             return None  # broadcast operands stay unfused (see fused_glu)
+        if not tuple(g.shape) == tuple(u.shape) == tuple(out.shape):
+            return None
         return [g, u], {"activation": act}, []
 
     # Multiply matches either operand order (graph/pattern.py), so `u * act(g)` needs no
