@@ -30,6 +30,12 @@ def _close(a, b, tol=1e-5):
     np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), rtol=tol, atol=tol)
 
 
+def _same_grads(act, args):
+    fused = _grads(lambda *t: fused_glu(*t, act), args)
+    for a, b in zip(fused, _grads(lambda *t: glu_reference(*t, act), args)):
+        _close(a, b)
+
+
 # -- the models it is for -----------------------------------------------------------------------------------
 def _tiny_llama(layers=2):
     llama = pytest.importorskip("mlx_lm.models.llama")
@@ -120,8 +126,7 @@ def test_rewritten_llama_mlp_graph_runs_the_reference():
 def test_zero_d_and_mixed_dtypes(act):
     g, u = mx.array(0.7), mx.array(-1.5)
     _close(fused_glu(g, u, act), glu_reference(g, u, act))
-    for a, b in zip(_grads(lambda *t: fused_glu(*t, act), [g, u]), _grads(lambda *t: glu_reference(*t, act), [g, u])):
-        _close(a, b)
+    _same_grads(act, [g, u])
     h = mx.random.normal((3, 4)).astype(mx.float16)
     f = mx.random.normal((3, 4))
     assert fused_glu(h, f, act).dtype == glu_reference(h, f, act).dtype == mx.float32
@@ -169,8 +174,7 @@ def test_kernel_path_nan_inf_and_zero_d(metal_shim, act):
     _check_specials(act, rtol=1e-4)  # gelu(-3): the kernels' erf is MLX's Metal one, not its CPU one
     g, u = mx.array(0.7), mx.array(-1.5)
     _close(fused_glu(g, u, act), glu_reference(g, u, act))
-    for a, b in zip(_grads(lambda *t: fused_glu(*t, act), [g, u]), _grads(lambda *t: glu_reference(*t, act), [g, u])):
-        _close(a, b)
+    _same_grads(act, [g, u])
 
 
 def test_kernel_path_backward_is_one_kernel_reading_g_and_u(metal_shim):
