@@ -2,6 +2,10 @@
 forward + backward (the vjp), and fused inside a compiled replay (what `fuse()` runs).
 
     python benchmarks/glu_cpu.py [--size N] [--dtype float32|bfloat16|float16]
+    python benchmarks/glu_cpu.py --mlp [--tokens T] [--dim D] [--hidden H]
+
+--mlp times mlx-lm's llama MLP (down(swiglu(gate(x), up(x)))) instead: forward and a
+gradient step, eager, mx.compile, `fuse()` (compiled replay) and mx.compile of the fused.
 
 The results for this repository's machines are in docs/llm-ops.md. MLX's CPU buffer cache is
 raised to 4 GiB (FACTS.md: with the default 32 MB every large output is freshly page-faulted).
@@ -41,14 +45,51 @@ def vjp_of(fn):
     return run
 
 
+def mlp_main(a, dtype):
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+
+    from mlx_fusion import fuse
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=a.dim, num_hidden_layers=1, intermediate_size=a.hidden,
+                           num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=8)
+    mlp = llama.MLP(args)
+    mlp.set_dtype(dtype)
+    mx.eval(mlp.parameters())
+    x = mx.random.normal((1, a.tokens, a.dim)).astype(dtype)
+    fused = fuse(mlp)
+
+    def loss(m, x):
+        return m(x).astype(mx.float32).square().mean()
+
+    step, fused_step = nn.value_and_grad(mlp, loss), nn.value_and_grad(fused, loss)
+    rows = {
+        "fwd": [lambda x: mlp(x), mx.compile(lambda x: mlp(x)), lambda x: fused(x), mx.compile(lambda x: fused(x))],
+        "grad step": [lambda x: step(mlp, x), mx.compile(lambda x: step(mlp, x)), lambda x: fused_step(fused, x),
+                      mx.compile(lambda x: fused_step(fused, x))],
+    }
+    print(f"llama MLP: tokens {a.tokens}, dim {a.dim}, hidden {a.hidden}, {a.dtype}")
+    print(f"{'pass':<10} {'eager ms':>9} {'compile ms':>11} {'fuse() ms':>10} {'compile(fuse) ms':>17} {'fused/best':>11}")
+    for name, fns in rows.items():
+        t = best_times(fns, [x], a.repeats)
+        print(f"{name:<10} {t[0]:9.2f} {t[1]:11.2f} {t[2]:10.2f} {t[3]:17.2f} {min(t[:2]) / min(t[2:]):10.2f}x")
+    print("fusions:", fused.fusion_stats.by_pattern)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=1 << 22, help="elements of g (and u)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--mlp", action="store_true")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=1024)
     a = ap.parse_args()
     mx.set_cache_limit(4 << 30)
     dtype = getattr(mx, a.dtype)
+    if a.mlp:
+        return mlp_main(a, dtype)
     rows = max(1, a.size // 4096)
     shape = (rows, a.size // rows)
     k1, k2, k3 = mx.random.split(mx.random.key(0), 3)
