@@ -3,9 +3,12 @@ forward + backward (the vjp), and fused inside a compiled replay (what `fuse()` 
 
     python benchmarks/glu_cpu.py [--size N] [--dtype float32|bfloat16|float16]
     python benchmarks/glu_cpu.py --mlp [--tokens T] [--dim D] [--hidden H]
+    python benchmarks/glu_cpu.py --custom-vjp [--size N]
 
 --mlp times mlx-lm's llama MLP (down(swiglu(gate(x), up(x)))) instead: forward and a
 gradient step, eager, mx.compile, `fuse()` (compiled replay) and mx.compile of the fused.
+--custom-vjp times silu(g) * u with a memory-lean custom vjp (recomputing silu(g)), its
+backward plain or under mx.compile, against MLX's own autodiff: why the CPU path has none.
 
 The results for this repository's machines are in docs/llm-ops.md. MLX's CPU buffer cache is
 raised to 4 GiB (FACTS.md: with the default 32 MB every large output is freshly page-faulted).
@@ -45,6 +48,27 @@ def vjp_of(fn):
     return run
 
 
+def custom_vjp_main(args):
+    def ref(g, u):
+        return g * mx.sigmoid(g) * u
+
+    def backward(g, u, dy):
+        s = mx.sigmoid(g)
+        return dy * u * (s * (1 + g * (1 - s))), dy * (g * s)
+
+    def custom(fwd, bwd):
+        f = mx.custom_function(fwd)
+        f.vjp(lambda primals, cotangent, output: bwd(*primals, cotangent))
+        return f
+
+    variants = {"MLX autodiff": ref, "custom vjp": custom(ref, backward),
+                "custom vjp, compiled fns": custom(mx.compile(ref), mx.compile(backward))}
+    print(f"{'silu(g) * u fwd+bwd':<26} {'eager ms':>9} {'mx.compile ms':>14}")
+    for name, fn in variants.items():
+        t = best_times([vjp_of(fn), mx.compile(vjp_of(fn))], args, 9)
+        print(f"{name:<26} {t[0]:9.2f} {t[1]:14.2f}")
+
+
 def mlp_main(a, dtype):
     import mlx.nn as nn
     from mlx_lm.models import llama
@@ -82,6 +106,7 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--mlp", action="store_true")
+    ap.add_argument("--custom-vjp", action="store_true")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=1024)
@@ -94,6 +119,8 @@ def main():
     shape = (rows, a.size // rows)
     k1, k2, k3 = mx.random.split(mx.random.key(0), 3)
     g, u, dy = (mx.random.normal(shape, key=k).astype(dtype) for k in (k1, k2, k3))
+    if a.custom_vjp:
+        return custom_vjp_main([g, u, dy])
     print(f"{'case':<18} {'pass':<8} {'eager ms':>9} {'compile ms':>11} {'fused ms':>9} {'fused+compile ms':>17}"
           f" {'fused/best':>11}")
     for act in GLU_ACTIVATIONS:
