@@ -92,10 +92,10 @@ def _cpu_glu(act: Activation):
 
     Not a custom vjp: under mx.grad / mx.vjp the inputs are tracers, and MLX runs a compiled
     function with tracer inputs op by op, so a custom vjp's "fused" CPU backward runs eagerly,
-    and recomputing act(g) there costs a second sigmoid/erf/tanh pass. Measured on this
-    repository's CPU machine (docs/llm-ops.md) that made eager fwd+bwd 1.6x slower than the
-    unfused code; MLX's own expression is exactly as fast as unfused code eagerly and fuses
-    with its neighbours inside an outer mx.compile. (The GPU paths keep the memory-lean vjp.)
+    and recomputing act(g) there costs a second sigmoid/erf/tanh pass: slower than the
+    unfused code (measured: docs/llm-ops.md). MLX's own expression is exactly as fast as
+    the unfused code eagerly and fuses with its neighbours inside an outer mx.compile.
+    (The GPU paths keep the memory-lean vjp.)
     """
     return cpu_compile(lambda g, u: act.reference(g) * u, act)
 
@@ -147,7 +147,8 @@ def fused_glu(g: mx.array, u: mx.array, activation: Union[str, Activation] = "si
 
     Returns:
         array: the same values as the unfused ``act(g) * u`` in MLX. Operands of
-        different shapes or dtypes, non-float dtypes and empty arrays run unfused.
+        different shapes or dtypes, non-float dtypes and empty arrays run unfused; on
+        the CPU it is MLX's own expression under ``mx.compile`` (docs/llm-ops.md).
     """
     act = _gate(activation)
     if (isinstance(g, mx.array) and isinstance(u, mx.array) and g.dtype == u.dtype
