@@ -23,6 +23,7 @@ __all__ = [
     "BinaryActivation",
     "LinearLayer",
     "ScalarActivation",
+    "GatedActivation",
     "as_activation",
     "as_activation_code",
     "as_binary_op",
@@ -219,4 +220,15 @@ class ScalarActivation:
         return f"scalar-{self.scalar_op.value}+{self.activation.value}"
 
 
-FusionPattern = Union[BinaryActivation, LinearLayer, ScalarActivation]
+@dataclass(frozen=True)
+class GatedActivation:
+    """act(g) * u: a gated linear unit (SwiGLU with silu, GeGLU with gelu / gelu_approx)."""
+
+    activation: Activation
+
+    @property
+    def name(self) -> str:
+        return f"glu+{self.activation.value}"
+
+
+FusionPattern = Union[BinaryActivation, LinearLayer, ScalarActivation, GatedActivation]

@@ -293,6 +293,52 @@ def test_scalar_activation_backward(host, dtype, act):
     assert not failures, f"scalar_activation_backward {dtype} {act}:\n" + "\n".join(failures)
 
 
+# --- act(g) * u and its backward (glu, glu_backward) ------------------------------------
+
+GLU_SHAPES = [(1,), (7,), (65,), (1000,), (4099,), (20000,), (25, 800), (3, 5, 7)]
+GLU_ACTS = [Activation.SILU, Activation.GELU, Activation.GELU_APPROX]
+
+
+def _glu_operands(key, shape, dtype, layout="contiguous"):
+    rng = _rng(*key)
+    return [operand(lambda s: rng.uniform(-3, 3, s).astype(np.float32), shape, layout, dtype) for _ in "gud"]
+
+
+@pytest.mark.parametrize("act", GLU_ACTS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_glu(host, dtype, act):
+    failures = []
+    for shape, layout in itertools.product(GLU_SHAPES, ("contiguous", "offset")):
+        G, U, D = _glu_operands(("glu", dtype, act.code, shape, layout), shape, dtype, layout)
+        grid, group = geometry(int(np.prod(shape)), dtype)
+        m = np.array([act.code], dtype=np.int32)
+        (out,) = host["glu"](dtype, [G[0], U[0], m], [shape], grid, group)
+        msg = mismatch(out, _np(act.reference(_mx(G[1])) * _mx(U[1])), dtype, f"shape={shape} {layout}")
+        if msg:
+            failures.append(msg)
+        dg, du = host["glu_backward"](dtype, [G[0], U[0], D[0], m], [shape, shape], grid, group)
+        g32, u32, d32 = _mx(G[1]), _mx(U[1]), _mx(D[1])
+        for name, got, want in (("dg", dg, d32 * u32 * activation_grad(act, g32)),
+                                ("du", du, d32 * act.reference(g32))):
+            msg = mismatch(got, _np(want), dtype, f"{name} shape={shape} {layout}")
+            if msg:
+                failures.append(msg)
+    assert not failures, f"glu {dtype} {act}:\n" + "\n".join(failures[:20])
+
+
+def test_glu_broken_kernel_fails_comparison():
+    """A glu body with a flipped sign does not pass the comparison above."""
+    header, body = kernel_source("glu", "cuda")
+    spec = KERNEL_SPECS["glu"]
+    bad = body.replace("fusion_activation(ACT, x[k]) * y[k]", "-fusion_activation(ACT, x[k]) * y[k]")
+    assert bad != body
+    k = HostKernel("mutant_glu", header, bad, spec.input_names, spec.output_names)
+    G, U, _ = _glu_operands(("glu-mutant",), (25, 800), "float32")
+    grid, group = geometry(20000, "float32")
+    (out,) = k("float32", [G[0], U[0], np.array([Activation.SILU.code], np.int32)], [(25, 800)], grid, group)
+    assert mismatch(out, _np(Activation.SILU.reference(_mx(G[1])) * _mx(U[1])), "float32") is not None
+
+
 # --- the harness itself ----------------------------------------------------------------
 
 def test_launch_geometry_iterates_grid_stride_loop():

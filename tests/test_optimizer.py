@@ -179,7 +179,7 @@ def test_elementwise_rewrites_compute_the_same(fn, act):
 @pytest.mark.parametrize("model, shape, expect", [
     (lambda: mlp([8, 16, 16, 4]), (4, 8), {"linear+bias+relu": 2}),
     (lambda: mlp([8, 32, 8], act=nn.GELU), (2, 3, 8), {"linear+bias+gelu": 1}),
-    (lambda: frozen(LlamaMLP(8, 16)), (2, 3, 8), {"linear+silu": 1}),
+    (lambda: frozen(LlamaMLP(8, 16)), (2, 3, 8), {"glu+silu": 1}),
 ])
 def test_model_rewrites_compute_the_same(model, shape, expect):
     m = model()

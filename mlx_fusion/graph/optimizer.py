@@ -151,7 +151,12 @@ class FusionOptimizer:
                     found.append(opp)
         # Greedy by benefit; the stable sort leaves ties to graph order, then to the rule
         # listed first (linear, scalar, binary). A node belongs to at most one fusion.
-        found.sort(key=lambda o: -o.benefit)
+        # Equal benefits (to 9 digits: the model prices silu(x @ W) * u the same fused as
+        # linear+silu or as glu+silu) go to the match with fewer GEMMs: at large M a GEMM
+        # "epilogue" is a second pass anyway (ops/linear.py), and an elementwise fusion
+        # keeps no hidden pre-activation for its backward.
+        gemms = {n.id for n in graph.nodes if n.op in ("Matmul", "AddMM")}
+        found.sort(key=lambda o: (-float(f"{o.benefit:.9g}"), len(gemms.intersection(o.node_ids))))
         taken, chosen = set(), []
         for opp in found:
             if taken.isdisjoint(opp.node_ids):
