@@ -39,7 +39,7 @@ if (warp == 0) {
   }
 }
 __syncthreads();
-const float rs = 1.0f / sqrtf(partial[0] * (1.0f / float(D)) + e[0]);
+const float rs = 1.0f / sqrtf(partial[0] * (1.0f / float(D)) + float(e[0]));
 if (tid == 0) {
   rstd[row] = rs;
 }

@@ -36,7 +36,7 @@ if (sg == 0) {
   }
 }
 threadgroup_barrier(metal::mem_flags::mem_threadgroup);
-const float rs = 1.0f / metal::sqrt(partial[0] * (1.0f / float(D)) + e[0]);
+const float rs = 1.0f / metal::sqrt(partial[0] * (1.0f / float(D)) + float(e[0]));
 if (tid == 0) {
   rstd[row] = rs;
 }

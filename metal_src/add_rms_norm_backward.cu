@@ -10,7 +10,7 @@ const unsigned nt = blockDim.x;
 const unsigned lane = tid & 31;
 const unsigned warp = tid >> 5;
 const int64_t base = int64_t(row) * D;
-const float rs = rstd[row];
+const float rs = float(rstd[row]);
 __shared__ float partial[32];
 
 float acc = 0.0f;

@@ -10,7 +10,7 @@ const uint nt = threads_per_threadgroup.x;
 const uint lane = thread_index_in_simdgroup;
 const uint sg = simdgroup_index_in_threadgroup;
 const int64_t base = int64_t(row) * D;
-const float rs = rstd[row];
+const float rs = float(rstd[row]);
 threadgroup float partial[32];
 
 float acc = 0.0f;
