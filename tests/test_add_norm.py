@@ -284,3 +284,108 @@ def test_tiny_llama_logits_and_grads(monkeypatch):
     assert flat.keys() == flat_ref.keys()
     for k in flat:
         np.testing.assert_allclose(np.array(flat[k]), np.array(flat_ref[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+# --- the kernels, executed on the CPU through the block-level shims ------------------------------
+# Both sources run through the ops' own launches (kernels.use_backend): CUDA through the host
+# shim, Metal through the Metal shim, each block/threadgroup as fibers (barriers, shuffles,
+# simd_sum). Written against the shim API of branch `shims` (tests/_kernel_checks.py).
+
+try:
+    from tests import _kernel_checks as kc
+    from tests.cuda_shim.host import have_compiler
+
+    BLOCK_SHIM = have_compiler()
+except ImportError:
+    kc, BLOCK_SHIM = None, False
+
+needs_block_shim = pytest.mark.skipif(not BLOCK_SHIM, reason="needs the block-level shim (branch shims)")
+BACKENDS = ("cuda", "metal")
+SHIM_DTYPES = ("float32", "float16", "bfloat16")
+# (shape, eps): one row shorter than a simdgroup; partial simdgroups; several simdgroups; rows
+# longer than a threadgroup (256 threads: 2 and 5 passes of the row loop); a large eps that
+# dominates the mean square (a dropped or wrong eps shows).
+SHIM_SHAPES = [((1, 8), 1e-5), ((5, 13), 1e-6), ((2, 3, 64), 1e-5), ((3, 300), 0.5), ((2, 1030), 1e-5)]
+
+
+def check_add_rms_norm(backend, fac, shape, dtype, eps, weight=True):
+    """Run fused_add_rms_norm forward and backward through `fac`; failures as strings."""
+    dt = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
+    x, r, w = _inputs(shape, dt, seed=len(shape) * 7 + shape[-1], scale=0.3 if eps >= 0.1 else 1.0)
+    w = w if weight else None
+    args = (x, r) + ((w,) if weight else ())
+    argnums = tuple(range(len(args)))
+    where = f"{backend} {dtype} {shape} eps={eps} weight={weight}"
+    record = kc.launches(backend)
+    before = len(record)
+    with kernels.use_backend(backend, fac):
+        h, y = fused_add_rms_norm(x, r, w, eps)
+        grads = mx.grad(_loss(fused_add_rms_norm, eps), argnums=argnums)(*args)
+        mx.eval(h, y, grads)
+    names = [kc.launch_name(backend, rec) for rec in record[before:]]
+    if not any(n.endswith("add_rms_norm") for n in names) or not any("backward" in n for n in names):
+        return [f"{where}: kernels launched: {names}"]
+    failures = []
+    want_h, want_y = add_rms_norm_reference(x, r, w, eps)
+    if not mx.array_equal(h, want_h).item():
+        failures.append(f"{where}: h is not x + r rounded as MLX rounds it")
+    fwd = next(kc._launch_outputs(backend, rec)[1] for rec in record[before:]
+               if kc.launch_name(backend, rec).endswith("add_rms_norm"))
+    h64 = np.array(want_h.astype(mx.float32)).astype(np.float64).reshape(-1, shape[-1])
+    rstd = 1 / np.sqrt(np.mean(h64 * h64, axis=-1) + np.float32(eps))
+    if not np.allclose(fwd[2], rstd, rtol=1e-5, atol=0):
+        failures.append(f"{where}: rstd off by {np.abs(fwd[2] / rstd - 1).max():.3g} (relative)")
+    want_g = mx.grad(_loss(add_rms_norm_reference, eps), argnums=argnums)(*args)
+    tol = TOL[dt]
+    for got, want, what in [(y, want_y, "y")] + list(zip(grads, want_g, ("dx", "dr", "dw"))):
+        g, ww = (np.array(t.astype(mx.float32)) for t in (got, want))
+        scale = max(1.0, float(np.abs(ww).max()))
+        t = tol if what == "y" else 4 * tol
+        bad = ~(np.abs(g - ww) <= t * np.abs(ww) + t * scale)
+        if bad.any():
+            i = tuple(np.argwhere(bad)[0])
+            failures.append(f"{where} {what}: {int(bad.sum())}/{bad.size} off; at {i} got {g[i]} want {ww[i]}")
+    return failures
+
+
+@needs_block_shim
+@pytest.mark.parametrize("dtype", SHIM_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_execute_on_the_shims(backend, dtype):
+    fac = kc.factory(backend)
+    failures = []
+    for shape, eps in SHIM_SHAPES:
+        failures += check_add_rms_norm(backend, fac, shape, dtype, eps)
+    failures += check_add_rms_norm(backend, fac, (3, 40), dtype, 1e-5, weight=False)
+    assert not failures, "\n".join(failures[:8])
+
+
+# Source edits that must make the checks fail: (kernel, old, new).
+MUTANTS = {
+    "no eps": ("add_rms_norm", "+ float(e[0])", ""),
+    "no residual": ("add_rms_norm", " + float(r[base + i])", ""),
+    "first row chunk only": ("add_rms_norm", "i < D; i += int(nt)) {\n  const T hv", "i < D && i < int(nt); i += int(nt)) {\n  const T hv"),
+    "mean over nt": ("add_rms_norm", "partial[0] * (1.0f / float(D))", "partial[0] * (1.0f / float(nt))"),
+    "one simdgroup": ("add_rms_norm", "lane < (nt + 31) / 32 ? partial[lane]", "lane < 1 ? partial[lane]"),
+    "no dh": ("add_rms_norm_backward", "float(dh[base + i]) + ", ""),
+    "no mean term": ("add_rms_norm_backward", "(g - float(h[base + i]) * c)", "g"),
+}
+
+
+@needs_block_shim
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broken_kernels_fail_the_checks(backend, mutant):
+    name, old, new = MUTANTS[mutant]
+
+    def edit(kernel, header, body):
+        if kernel.endswith(name):
+            assert old in body, (mutant, kernel)
+            body = body.replace(old, new)
+        return header, body
+
+    fac = kc.factory(backend, edit)
+    failures = []
+    for shape, eps in [((3, 300), 0.5), ((2, 3, 64), 1e-5)]:
+        failures += check_add_rms_norm(backend, fac, shape, "float32", eps)
+    assert failures, f"{backend} mutant {mutant!r} passed the checks"
