@@ -11,9 +11,9 @@ keeps h and rstd only (not the normalized tensor) and runs `add_rms_norm_backwar
 kernel per row for ``dx = dr = dh + rstd * (g - n * mean(g * n))`` with ``g = dy * w``,
 ``n = h * rstd``; ``dw = sum_rows(dy * n)`` is an MLX reduction.
 
-On the CPU the op is MLX's own code (``x + r`` and ``mx.fast.rms_norm``, already one
-op there) with MLX's own vjp of ``rms_norm``: a fused kernel cannot run there, and the
-two-pass reference is what a fusion would have to beat (docs/add-norm.md).
+On the CPU the op is MLX's own code, ``x + r`` and ``mx.fast.rms_norm`` (already one op
+there), with MLX's own autodiff: a custom primitive measured no faster than that, and
+slower with its backward (docs/add-norm.md, tools/add_norm_cpu.py).
 """
 
 from __future__ import annotations
@@ -102,18 +102,14 @@ def _rstd(h, eps):
 
 @lru_cache(maxsize=None)
 def _add_rms_primitive(has_weight: bool, eps: float):
-    def cpu_parts(x, r, *w):
-        h = x + r
-        return h, mx.fast.rms_norm(h, w[0] if w else None, eps)
+    """The GPU primitive: (h, y, rstd) from one kernel, the backward from another."""
 
-    def gpu_parts(x, r, *w):  # what the kernel computes, as MLX code (jvp, vmap)
-        h, y = cpu_parts(x, r, *w)
-        return h, y, _rstd(h, eps)
+    def parts(x, r, *w):  # what the kernels compute, as MLX code (jvp, vmap)
+        h = x + r
+        return h, mx.fast.rms_norm(h, w[0] if w else None, eps), _rstd(h, eps).reshape(-1)
 
     @mx.custom_function
     def fused(x, r, *w):
-        if kernels.kernel_backend() is None:
-            return cpu_parts(x, r, *w)
         # stop_gradient: MLX's jvp must not trace into the kernel; this function's rules stand for it.
         x, r, *w = (mx.stop_gradient(t) for t in (x, r, *w))
         d = x.shape[-1]
@@ -122,17 +118,12 @@ def _add_rms_primitive(has_weight: bool, eps: float):
 
     @fused.vjp
     def fused_vjp(primals, cotangents, outputs):
+        # Saved for the backward: h and rstd (float32, one per row), never the normalized tensor.
         w = primals[2] if has_weight else None
-        h = outputs[0]
+        h, rstd = outputs[0], outputs[2]
         dh, dy = cotangents[0], cotangents[1]
         dh = mx.zeros_like(h) if dh is None else dh.astype(h.dtype)
         dy = mx.zeros_like(h) if dy is None else dy.astype(h.dtype)
-        if len(outputs) == 2:  # the CPU path: MLX's own rms_norm vjp (recomputes from h)
-            _, grads = mx.vjp(lambda h, *w: mx.fast.rms_norm(h, w[0] if w else None, eps),
-                              [h] + ([w] if has_weight else []), [dy])
-            dx = dh + grads[0]
-            return (dx, dx) + ((grads[1],) if has_weight else ())
-        rstd = outputs[2]
         d = h.shape[-1]
         h2, dy2 = h.reshape(-1, d), dy.reshape(-1, d)
         dx = launch_add_rms_norm_backward(h2, w, rstd, dy2, dh.reshape(-1, d)).reshape(h.shape)
@@ -140,9 +131,6 @@ def _add_rms_primitive(has_weight: bool, eps: float):
             return dx, dx
         dw = (f32(dy2) * (f32(h2) * rstd[:, None])).sum(axis=0).astype(w.dtype)
         return dx, dx, dw
-
-    def parts(*args):
-        return gpu_parts(*args) if kernels.kernel_backend() is not None else cpu_parts(*args)
 
     @fused.jvp
     def fused_jvp(primals, tangents):
@@ -176,7 +164,9 @@ def fused_add_rms_norm(x: mx.array, residual: mx.array, weight: Optional[mx.arra
           and residual.shape == x.shape and x.dtype in FUSED_DTYPES
           and all(t.dtype == x.dtype for t in arrays)
           and (weight is None or weight.shape == (x.shape[-1],)))
-    if not ok:
+    if not ok or kernels.kernel_backend() is None:
+        # The CPU: MLX's own code is the fused op. Its rms_norm is already one op there, and a
+        # custom primitive measured slower than it (docs/add-norm.md), so nothing is replaced.
         return add_rms_norm_reference(x, residual, weight, eps)
     out = _add_rms_primitive(weight is not None, float(eps))(*arrays)
     return out[0], out[1]
