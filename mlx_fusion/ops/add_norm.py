@@ -1,4 +1,5 @@
-"""Residual add + RMSNorm: ``h = x + r; y = rms_norm(h, w, eps)`` as one primitive with two outputs.
+"""Residual add + norm: ``h = x + r; y = rms_norm(h, w, eps)`` (or ``layer_norm(h, w, b, eps)``,
+ops/add_layer_norm.py) as one primitive with two outputs; this module holds the definition of both.
 
 ``h`` is an output too: in a transformer block it is the residual stream the next add
 reads (mlx-lm's llama: ``h = x + attn(...)``, ``mlp(post_attention_layernorm(h))``,
@@ -26,10 +27,12 @@ import mlx.core as mx
 
 from .. import kernels
 from ..kernels import KernelSpec
+from .add_layer_norm import add_layer_norm_reference, fused_add_layer_norm
 from .base import FusedOp, OpCase, Spelling, Workload
 from .common import FUSED_DTYPES, f32, tangents_for
 
-__all__ = ["AddNorm", "fused_add_rms_norm", "add_rms_norm_reference", "DEFINITION"]
+__all__ = ["AddNorm", "fused_add_rms_norm", "add_rms_norm_reference", "fused_add_layer_norm",
+           "add_layer_norm_reference", "DEFINITION"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class AddNorm:
 
 
 ADD_RMS_NORM = AddNorm("rms_norm")
+ADD_LAYER_NORM = AddNorm("layer_norm")
 
 
 def add_rms_norm_reference(x, residual, weight=None, eps: float = 1e-5) -> Tuple[mx.array, mx.array]:
@@ -179,54 +183,78 @@ def fused_add_rms_norm(x: mx.array, residual: mx.array, weight: Optional[mx.arra
 _EPS, _D = 1e-5, 8
 
 
-def _spelling_reference(x, r, w):
+def _rms_reference(x, r, w):
     h = x + r
     return h, mx.fast.rms_norm(h, w, _EPS)
 
 
-def _example(rank):
+def _layer_reference(x, r, w, b):
+    h = x + r
+    return h, mx.fast.layer_norm(h, w, b, _EPS)
+
+
+def _example(rank, vectors):
     shape = (4, _D) if rank == 2 else (2, 4, _D)
-    return lambda dt: (mx.zeros(shape, dt), mx.zeros(shape, dt), mx.zeros((_D,), dt))
+    return lambda dt: (mx.zeros(shape, dt), mx.zeros(shape, dt)) + (mx.zeros((_D,), dt),) * vectors
 
 
-def _gpu_graph(dtype):
-    """The GPU export of `_spelling_reference` (``Add``, then ``RMSNorm(h, w) [eps]``), built by
-    hand: on the CPU, mx.fast.rms_norm traces as its decomposition, so a CPU session cannot
-    trace this spelling (on a GPU the traced spelling gives the same pattern)."""
+def _gpu_graph(op, vectors):
+    """The GPU export of a reference (``Add``, then ``RMSNorm(h, w) [eps]`` or ``LayerNorm(h, w, b)
+    [eps]``), built by hand: on the CPU, mx.fast's norms trace as their decomposition, so a CPU
+    session cannot trace this spelling (on a GPU the traced spelling gives the same pattern)."""
     from ..graph.ir import Graph, Node, Value
 
-    x, r, w = Value("x", (4, _D), dtype), Value("r", (4, _D), dtype), Value("w", (_D,), dtype)
-    h, y = Value("h", (4, _D), dtype), Value("y", (4, _D), dtype)
-    eps = float(mx.array(_EPS, mx.float32).item())
-    return Graph([x, r, w], [h, y], [Node(0, "Add", [x, r], [h]), Node(1, "RMSNorm", [h, w], [y], (eps,))])
+    def graph(dtype):
+        x, r = Value("x", (4, _D), dtype), Value("r", (4, _D), dtype)
+        vs = [Value(n, (_D,), dtype) for n in "wb"[:vectors]]
+        h, y = Value("h", (4, _D), dtype), Value("y", (4, _D), dtype)
+        eps = float(mx.array(_EPS, mx.float32).item())
+        return Graph([x, r, *vs], [h, y], [Node(0, "Add", [x, r], [h]), Node(1, op, [h, *vs], [y], (eps,))])
+
+    return graph
 
 
-def _build(m):
-    x, r, w, eps = m.args[:4]
-    inv_d = m.args[4] if len(m.args) > 4 else None
-    h, y = m.outputs
-    d = x.shape[-1] if x.shape else 0
-    if not (tuple(x.shape) == tuple(r.shape) == tuple(y.shape) == tuple(h.shape) and tuple(w.shape) == (d,)):
-        return None
-    if inv_d is not None and inv_d != mx.array(1.0 / d, mx.float32).item():
-        return None  # the CPU decomposition's mean multiplies by 1/D (float32): another D is another function
-    return [x, r, w], {"eps": float(eps)}, []
+def _builder(vectors):
+    """build for a spelling with `vectors` (D,) operands (w; w and b), then eps (and 1/D on the CPU)."""
+
+    def build(m):
+        x, r, vs = m.args[0], m.args[1], m.args[2:2 + vectors]
+        eps = m.args[2 + vectors]
+        inv_d = m.args[3 + vectors] if len(m.args) > 3 + vectors else None
+        h, y = m.outputs
+        d = x.shape[-1] if x.shape else 0
+        if not tuple(x.shape) == tuple(r.shape) == tuple(y.shape) == tuple(h.shape):
+            return None
+        if any(tuple(v.shape) != (d,) for v in vs):
+            return None  # a GPU norm without weight/bias records a 0-d placeholder
+        if inv_d is not None and inv_d != mx.array(1.0 / d, mx.float32).item():
+            return None  # the CPU decomposition's mean multiplies by 1/D (float32): another D is another function
+        return [x, r, *vs], {"eps": float(eps)}, []
+
+    return build
 
 
 def _spellings():
-    traced = [Spelling(pattern=ADD_RMS_NORM, reference=_spelling_reference, example=_example(rank),
-                       build=_build, rule="add+rms_norm", constants=(_EPS, 1.0 / _D))
-              for rank in (3, 2)]
-    gpu = Spelling(pattern=ADD_RMS_NORM, reference=_spelling_reference, example=_example(2), build=_build,
-                   rule="add+rms_norm", constants=(_EPS,), graph=_gpu_graph)
-    return traced + [gpu]
+    out = []
+    for pattern, ref, vectors, op in ((ADD_RMS_NORM, _rms_reference, 1, "RMSNorm"),
+                                      (ADD_LAYER_NORM, _layer_reference, 2, "LayerNorm")):
+        rule, build = pattern.name, _builder(vectors)
+        out += [Spelling(pattern=pattern, reference=ref, example=_example(rank, vectors), build=build,
+                         rule=rule, constants=(_EPS, 1.0 / _D)) for rank in (3, 2)]
+        out.append(Spelling(pattern=pattern, reference=ref, example=_example(2, vectors), build=build,
+                            rule=rule, constants=(_EPS,), graph=_gpu_graph(op, vectors)))
+    return out
 
 
 def _call(ins, p):
+    if p["pattern"] == ADD_LAYER_NORM:
+        return list(fused_add_layer_norm(*ins[:4], eps=p["eps"]))
     return list(fused_add_rms_norm(ins[0], ins[1], ins[2], p["eps"]))
 
 
 def _reference_call(ins, p):
+    if p["pattern"] == ADD_LAYER_NORM:
+        return list(add_layer_norm_reference(*ins[:4], eps=p["eps"]))
     return list(add_rms_norm_reference(ins[0], ins[1], ins[2], p["eps"]))
 
 
@@ -240,11 +268,13 @@ def _pack(h, y):
 
 
 def _inputs(case, shape, dtype, key):
-    """[x, r, w]: x and r of `shape`, w (shape[-1],) around 1."""
-    k1, k2, k3 = mx.random.split(key, 3)
+    """[x, r, w(, b)]: x and r of `shape`, w (shape[-1],) around 1, b (layer_norm) around 0."""
+    k1, k2, k3, k4 = mx.random.split(key, 4)
     x = mx.random.normal(shape, key=k1).astype(dtype)
     r = mx.random.normal(shape, key=k2).astype(dtype)
     w = (1.0 + 0.5 * mx.random.normal(shape[-1:], key=k3)).astype(dtype)
+    if case.pattern == ADD_LAYER_NORM:
+        return [x, r, w, (0.5 * mx.random.normal(shape[-1:], key=k4)).astype(dtype)]
     return [x, r, w]
 
 
@@ -266,7 +296,11 @@ ROWS = Workload(
 def _cases():
     return [OpCase(ADD_RMS_NORM.name, "add_norm", ADD_RMS_NORM,
                    lambda x, r, w=None: _pack(*fused_add_rms_norm(x, r, w, CASE_EPS)),
-                   lambda x, r, w=None: _pack(*add_rms_norm_reference(x, r, w, CASE_EPS)), _inputs, ROWS)]
+                   lambda x, r, w=None: _pack(*add_rms_norm_reference(x, r, w, CASE_EPS)), _inputs, ROWS),
+            OpCase(ADD_LAYER_NORM.name, "add_norm", ADD_LAYER_NORM,
+                   lambda x, r, w=None, b=None: _pack(*fused_add_layer_norm(x, r, w, b, CASE_EPS)),
+                   lambda x, r, w=None, b=None: _pack(*add_layer_norm_reference(x, r, w, b, CASE_EPS)),
+                   _inputs, ROWS)]
 
 
 DEFINITION = FusedOp(
@@ -280,5 +314,12 @@ DEFINITION = FusedOp(
         # dx = dh + rstd * (g - n * mean(g * n)), g = dy * w, n = h * rstd; one block per row.
         KernelSpec("add_rms_norm_backward", ("h", "w", "rstd", "dy", "dh"), ("dx",), elementwise=False,
                    ensure_row_contiguous=True, templates=(("HAS_WEIGHT", (False, True)),)),
+        # h = x + r, y = layer_norm(h, w, b, e[0]), mean and rstd per row; as add_rms_norm.
+        KernelSpec("add_layer_norm", ("x", "r", "w", "b", "e"), ("h", "y", "mean", "rstd"), elementwise=False,
+                   ensure_row_contiguous=True, templates=(("HAS_WEIGHT", (False, True)), ("HAS_BIAS", (False, True)))),
+        # dx = dh + rstd * (g - mean(g) - n * mean(g * n)), g = dy * w, n = (h - mean) * rstd.
+        KernelSpec("add_layer_norm_backward", ("h", "w", "mean", "rstd", "dy", "dh"), ("dx",), elementwise=False,
+                   ensure_row_contiguous=True, templates=(("HAS_WEIGHT", (False, True)),)),
     ),
-    doc="h = x + r; y = rms_norm(h, w, eps): FusedAddNorm(x, r, w) -> (h, y), params {pattern, eps}.")
+    doc="h = x + r; y = rms_norm(h, w, eps) or layer_norm(h, w, b, eps): FusedAddNorm(x, r, w[, b]) -> (h, y), "
+        "params {pattern, eps}.")
