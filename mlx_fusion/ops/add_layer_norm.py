@@ -92,8 +92,9 @@ def _add_layer_primitive(has_weight: bool, has_bias: bool, eps: float):
         dx = launch_add_layer_norm_backward(h2, w, mean, rstd, dy2, dh.reshape(-1, d)).reshape(h.shape)
         grads = (dx, dx)
         if has_weight:
-            n = (f32(h2) - mean[:, None]) * rstd[:, None]
-            grads += ((f32(dy2) * n).sum(axis=0).astype(w.dtype),)
+            from .add_norm import weight_grad
+
+            grads += (weight_grad(dy2, h2, rstd, mean).astype(w.dtype),)
         if has_bias:
             grads += (f32(dy2).sum(axis=0).astype(b.dtype),)
         return grads

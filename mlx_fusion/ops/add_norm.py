@@ -98,6 +98,14 @@ def launch_add_rms_norm_backward(h2, w, rstd, dy2, dh2):
 
 # --- the primitive -----------------------------------------------------------------------
 
+@mx.compile
+def weight_grad(dy2, h2, rstd, mean):
+    """sum over rows of dy * (h - mean) * rstd in float32, for (rows, D) dy2, h2 and float32 (rows,)
+    rstd, mean (0 for RMSNorm). Compiled: the product is one pass into the reduction, not three
+    float32 (rows, D) temporaries."""
+    return (f32(dy2) * ((f32(h2) - mean[..., None]) * rstd[:, None])).sum(axis=0)
+
+
 def _rstd(h, eps):
     """1/sqrt(mean(h^2) + eps) per row, in float32 as the kernel computes it."""
     hf = f32(h)
@@ -133,8 +141,7 @@ def _add_rms_primitive(has_weight: bool, eps: float):
         dx = launch_add_rms_norm_backward(h2, w, rstd, dy2, dh.reshape(-1, d)).reshape(h.shape)
         if not has_weight:
             return dx, dx
-        dw = (f32(dy2) * (f32(h2) * rstd[:, None])).sum(axis=0).astype(w.dtype)
-        return dx, dx, dw
+        return dx, dx, weight_grad(dy2, h2, rstd, mx.zeros((), mx.float32)).astype(w.dtype)
 
     @fused.jvp
     def fused_jvp(primals, tangents):
