@@ -303,7 +303,8 @@ def test_llama_gated_mlp():
 @pytest.mark.parametrize("act, expect", [(nn.relu, "linear+bias+relu"), (nn.gelu, "linear+bias+gelu")])
 def test_transformer_encoder_layer(act, expect):
     layer = frozen(nn.TransformerEncoderLayer(8, 2, 16, activation=act))
-    assert names(trace_graph(lambda x: layer(x, None), mx.ones((2, 4, 8)))) == [expect]
+    # norm_first: h = x + attn(ln1(x)) feeds ln2: one residual add + LayerNorm (ops/add_norm.py)
+    assert names(trace_graph(lambda x: layer(x, None), mx.ones((2, 4, 8)))) == ["add+layer_norm", expect]
 
 
 def test_models_traced_with_parameters_as_inputs():

@@ -8,6 +8,11 @@ what MLX exports for that code on the current device and in that dtype:
   value). Read through a `Broadcast`, it binds the broadcast's source;
 - an argument listed in `Spelling.scalars` becomes a `PScalar`: any one-element
   constant, directly or through a `Broadcast`; its value is bound;
+- a constant, or a float primitive argument, whose value is listed in
+  `Spelling.constants` (rms_norm's `eps`, a mean's `1/D`: values the reference
+  function cannot take as arguments) is bound too, as the extra argument
+  `len(inputs) + i`: a `PScalar` for a constant, a `PParam` inside a node's params
+  (`RMSNorm [eps]` on a GPU);
 - a constant becomes a `PConst`, which matches only a one-element constant of the
   same dtype and the same value (in bf16, GELU's `/ 2` is not `/ 2.015625`);
 - a primitive becomes a `PNode`: same op, same arguments (except for the shape ops,
@@ -30,7 +35,7 @@ import mlx.core as mx
 
 from .trace import trace
 
-__all__ = ["PInput", "PScalar", "PConst", "PNode", "Pattern", "Bound", "derive", "match", "plausible",
+__all__ = ["PInput", "PScalar", "PParam", "PConst", "PNode", "Pattern", "Bound", "derive", "match", "plausible",
            "signature", "VIEW_OPS"]
 
 # Ops that make a view, not a kernel launch: looked through, or kept only when still used.
@@ -50,6 +55,13 @@ class PInput:
 
 @dataclass(frozen=True)
 class PScalar:
+    index: int
+
+
+@dataclass(frozen=True)
+class PParam:
+    """A primitive argument bound as argument `index` (any value), e.g. RMSNorm's eps."""
+
     index: int
 
 
@@ -87,14 +99,17 @@ class Pattern:
 @lru_cache(maxsize=None)
 def derive(spelling, dtype: mx.Dtype, device: str) -> Pattern:
     """The pattern of `spelling` in `dtype`, traced on the current device (`device` keys the cache)."""
-    graph = trace(spelling.reference, *spelling.example(dtype))
+    hand_built = getattr(spelling, "graph", None)
+    graph = hand_built(dtype) if hand_built is not None else trace(spelling.reference, *spelling.example(dtype))
     env: Dict[str, PTerm] = {}
     for i, v in enumerate(graph.inputs):
         env[v.name] = PScalar(i) if i in spelling.scalars else PInput(i)
+    bound = _bound_constant(spelling, len(graph.inputs))
     for name, arr in graph.constants.items():
         if arr.size != 1:
             raise ValueError(f"{spelling.pattern}: the reference closes over a {arr.shape} array")
-        env[name] = PConst(float(arr.reshape(()).item()), arr.dtype)
+        value = float(arr.reshape(()).item())
+        env[name] = PScalar(bound[value]) if value in bound else PConst(value, arr.dtype)
     keys = 0
     for n in graph.nodes:
         srcs = tuple(env[v.name] for v in n.inputs)
@@ -107,7 +122,8 @@ def derive(spelling, dtype: mx.Dtype, device: str) -> Pattern:
             env[out] = PInput(srcs[0].index, broadcast=True)
         else:
             leaf = n.op in VIEW_OPS and not any(isinstance(s, PNode) for s in srcs)
-            env[out] = PNode(keys, n.op, srcs, tuple(n.params), n.outputs[0].dtype, leaf)
+            params = tuple(PParam(bound[p]) if isinstance(p, float) and p in bound else p for p in n.params)
+            env[out] = PNode(keys, n.op, srcs, params, n.outputs[0].dtype, leaf)
             keys += 1
     outputs = tuple(env[v.name] for v in graph.outputs)
     if not all(isinstance(o, PNode) and not o.leaf_view for o in outputs):
@@ -119,7 +135,13 @@ def derive(spelling, dtype: mx.Dtype, device: str) -> Pattern:
         stack.extend(s for s in p.srcs if isinstance(s, PNode))
     if any(o.key not in reach for o in outputs):
         raise ValueError(f"{spelling.pattern}: every output must feed the last one (the root)")
-    return Pattern(spelling, dtype, outputs, len(graph.inputs))
+    return Pattern(spelling, dtype, outputs, len(graph.inputs) + len(getattr(spelling, "constants", ())))
+
+
+def _bound_constant(spelling, first: int) -> Dict[float, int]:
+    """value -> argument index of the `Spelling.constants` (compared in float32, as MLX stores them)."""
+    values = getattr(spelling, "constants", ())
+    return {float(mx.array(v, mx.float32).item()): first + i for i, v in enumerate(values)}
 
 
 @dataclass
@@ -210,6 +232,11 @@ def _match(ctx, p: PTerm, v, st: _State) -> Iterator[_State]:
         if nodes[p.key].id == node.id:
             yield st
         return
+    for j, pp in enumerate(p.params):
+        if isinstance(pp, PParam):
+            args = _bind(args, pp.index, node.params[j], lambda a, b: a == b)
+            if args is None:
+                return
     st = ({**nodes, p.key: node}, args, via)
     orders = [node.inputs]
     if node.op in COMMUTATIVE and len(node.inputs) == 2:
@@ -249,7 +276,11 @@ def _same_op(p: PNode, node) -> bool:
         return False
     if len(node.inputs) != len(p.srcs) or len(node.outputs) != 1 or node.outputs[0].dtype != p.dtype:
         return False
-    return p.op in _SHAPE_OPS or tuple(node.params) == p.params
+    if p.op in _SHAPE_OPS:
+        return True
+    params = tuple(node.params)
+    return len(params) == len(p.params) and all(
+        isinstance(want, PParam) or got == want for got, want in zip(params, p.params))
 
 
 def _match_all(ctx, pats, values, st: _State) -> Iterator[_State]:

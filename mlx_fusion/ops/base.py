@@ -110,6 +110,13 @@ class Spelling:
         value), ``match.unbroadcast(v)`` and ``match.is_constant(v)``.
     rule: spellings with the same rule name are tried in order at a node, and the first
         legal match wins (longest spelling first).
+    constants: values of constants (or float primitive arguments) in the reference's trace
+        that stand for any value, bound as extra arguments after the reference's own
+        (``match.args[len(inputs) + i]``): parameters the reference cannot take as arrays,
+        e.g. ``mx.fast.rms_norm``'s eps, and the ``1/D`` of its mean on the CPU.
+    graph: ``graph(dtype) -> Graph`` a hand-built trace standing in for the reference's,
+        for a spelling the current device cannot export (a GPU primitive on the CPU);
+        None: trace `reference`.
     """
 
     pattern: object
@@ -118,6 +125,8 @@ class Spelling:
     build: Callable
     rule: str
     scalars: Tuple[int, ...] = ()
+    constants: Tuple[float, ...] = ()
+    graph: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
