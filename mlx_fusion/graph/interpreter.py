@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Sequence
 import mlx.core as mx
 
 from .ir import Graph, Value
+from .model_primitives import QMODES as _QMODES, cross_entropy as _cross_entropy, gather_mm as _gather_mm
+from .model_primitives import gather_qmm as _gather_qmm, quantized_matmul as _qmm, rope as _rope, sdpa as _sdpa
 
 __all__ = ["PRIMITIVES", "UnsupportedPrimitive", "register_primitive", "plan", "Replay", "run_graph"]
 
@@ -77,7 +79,6 @@ _BITWISE = {0: mx.bitwise_and, 1: mx.bitwise_or, 2: mx.bitwise_xor, 3: mx.left_s
 _REDUCE = {0: mx.all, 1: mx.any, 2: mx.sum, 3: mx.prod, 4: mx.min, 5: mx.max}
 # Scan::ReduceType {Max, Min, Sum, Prod, LogAddExp}
 _SCAN = {0: mx.cummax, 1: mx.cummin, 2: mx.cumsum, 3: mx.cumprod, 4: mx.logcumsumexp}
-_QMODES = ("affine", "mxfp4", "mxfp8", "nvfp4")  # QuantizationMode
 
 
 def _equal(ins, p):
@@ -141,37 +142,12 @@ def _broadcast_axes(ins, p, outputs):
     return outs
 
 
-def _qmm(ins, p):
-    group_size, bits, mode, transpose = p
-    x, w, scales = ins[:3]
-    biases = ins[3] if len(ins) > 3 else None
-    return [mx.quantized_matmul(x, w, scales, biases, transpose=transpose, group_size=group_size,
-                                bits=bits, mode=_QMODES[mode])]
-
-
 def _quantize(ins, p):
     group_size, bits, mode, dequantize = p
     kw = dict(group_size=group_size, bits=bits, mode=_QMODES[mode])
     if dequantize:
         return [mx.dequantize(ins[0], ins[1], ins[2] if len(ins) > 2 else None, **kw)]
     return list(mx.quantize(ins[0], **kw))
-
-
-@_refuse_if(lambda p: not p[4], "inverse RoPE (only appears in gradients)")
-def _rope(ins, p):
-    dims, traditional, base, scale, forward = p
-    freqs = ins[2] if len(ins) > 2 else None
-    return [mx.fast.rope(ins[0], dims, traditional=traditional, base=None if freqs is not None else base,
-                         scale=scale, offset=ins[1], freqs=freqs)]
-
-
-@_refuse_if(lambda p: p[3], "attention with a logsumexp output (GPU training graphs)")
-def _sdpa(ins, p):
-    scale, causal, has_sinks, logsumexp = p[:4]
-    q, k, v, rest = ins[0], ins[1], ins[2], list(ins[3:])
-    sinks = rest.pop() if has_sinks else None
-    mask = rest[0] if rest else ("causal" if causal else None)
-    return [mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)]
 
 
 def _bit_words(p) -> int:
@@ -300,6 +276,10 @@ PRIMITIVES: Dict[str, Callable] = {
     "QuantizedMatmul": _qmm,
     "Quantize": _quantize,
     "Hadamard": lambda ins, p: [mx.hadamard_transform(ins[0], scale=p[0])],
+    # mixture-of-experts matmuls (mx.gather_mm / mx.gather_qmm) and the fused loss
+    "GatherMM": _gather_mm,
+    "GatherQMM": _gather_qmm,
+    "CrossEntropy": _cross_entropy,
     # creation and randomness (the key is an input: see trace.py, Replay)
     "Arange": _arange,
     "RandomBits": _random_bits,
