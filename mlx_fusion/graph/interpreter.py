@@ -93,6 +93,16 @@ def _optional(x):
     return None if x.ndim == 0 else x
 
 
+def _indices(x):
+    """Index operands never carry a gradient.
+
+    The trace loses `mx.stop_gradient` (export drops it as a no-op), and MLX
+    refuses a VJP through gather indices computed from differentiable values
+    (MoE routing: take_along_axis(scores, argpartition(scores))).
+    """
+    return mx.stop_gradient(x)
+
+
 def _slice(ins, p):
     start, stop, strides = p
     # Exported bounds are normalized; for a negative stride "before index 0"
@@ -113,7 +123,7 @@ def _slice_update(ins, p):
 
 
 def _gather(ins, p):
-    src, idx = ins[0], ins[1:]
+    src, idx = ins[0], [_indices(i) for i in ins[1:]]
     axes, slice_sizes = list(p[0]), tuple(p[1])
     if axes == [0] and slice_sizes[0] == 1 and tuple(slice_sizes[1:]) == src.shape[1:]:
         # Embedding lookups: take rows, keep the unit slice dim of Gather.
@@ -255,9 +265,9 @@ PRIMITIVES: Dict[str, Callable] = {
     "Split": lambda ins, p: list(mx.split(ins[0], list(p[0]), axis=p[1])),
     "Pad": lambda ins, p: [mx.pad(ins[0], _pad_width(ins[0].ndim, *p), constant_values=ins[1])],
     "Gather": _gather,
-    "GatherAxis": lambda ins, p: [mx.take_along_axis(ins[0], ins[1], axis=p[0])],
+    "GatherAxis": lambda ins, p: [mx.take_along_axis(ins[0], _indices(ins[1]), axis=p[0])],
     "ScatterAxis": _refuse_if(lambda p: p[0] != 1, "ScatterAxis with a sum")(  # ReduceType None = 1
-        lambda ins, p: [mx.put_along_axis(ins[0], ins[1], ins[2], axis=p[1])]),
+        lambda ins, p: [mx.put_along_axis(ins[0], _indices(ins[1]), ins[2], axis=p[1])]),
     # reductions, scans, sorting
     "Reduce": lambda ins, p: [_REDUCE[p[0]](ins[0], axis=list(p[1]), keepdims=True)],
     "ArgReduce": lambda ins, p: [(mx.argmin if p[0] == 0 else mx.argmax)(ins[0], axis=p[1], keepdims=True)],

@@ -88,7 +88,8 @@ def gather_mm(ins, p):
     defaulted (``mx.gather_mm(..., sorted_indices=True)``); the flag selects the
     sorted kernels and VJP, so the replay passes the indices the same way.
     """
-    a, b, lhs, rhs = ins
+    a, b = ins[:2]
+    lhs, rhs = (mx.stop_gradient(i) for i in ins[2:])  # see interpreter._indices
     left_sorted, right_sorted = p
     if right_sorted:
         return [mx.gather_mm(a, b, rhs_indices=rhs, sorted_indices=True)]
@@ -105,7 +106,7 @@ def gather_qmm(ins, p):
     group_size, bits, mode, transpose, left_sorted, right_sorted = p
     x, w, scales = ins[:3]
     biases = ins[3] if len(ins) == 6 else None
-    lhs, rhs = ins[-2], ins[-1]
+    lhs, rhs = mx.stop_gradient(ins[-2]), mx.stop_gradient(ins[-1])
     kw = dict(transpose=transpose, group_size=group_size, bits=bits, mode=QMODES[mode])
     if right_sorted:
         return [mx.gather_qmm(x, w, scales, biases, rhs_indices=rhs, sorted_indices=True, **kw)]
