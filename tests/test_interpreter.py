@@ -281,3 +281,39 @@ def test_gather_qmm_and_quantized_matmul_nodes(mode, bits, group, sorted_indices
     g2, ops2 = traced_nodes(mm, x[:, 0])
     assert "QuantizedMatmul" in ops2
     assert mx.array_equal(Replay(g2, compile=False)([x[:, 0]])[0], mm(x[:, 0]))
+
+
+@pytest.mark.parametrize("kind", ["assign", "add", "prod", "max", "min", "ellipsis"])
+def test_scatter_replays_indexed_updates(kind):
+    x, i, j = mx.random.normal((6, 4, 3)), mx.array([0, 2, 5]), mx.array([1, 1, 3])
+    u = mx.random.normal((3, 3))
+
+    def fn(x, i, j, u):
+        if kind == "ellipsis":  # what phi3small's `out[..., ids] = -inf` traces to
+            out = mx.array(x)
+            out[..., mx.array([0, 2])] = -1.0
+            return out
+        at = x.at[i, j]
+        if kind == "assign":
+            out = mx.array(x)
+            out[i, j] = u
+            return out
+        return {"add": at.add, "prod": at.multiply, "max": at.maximum, "min": at.minimum}[kind](u)
+
+    g, ops_seen = traced_nodes(fn, x, i, j, u)
+    assert "Scatter" in ops_seen
+    for compile in (False, True):
+        assert mx.array_equal(Replay(g, compile=compile)([x, i, j, u])[0], fn(x, i, j, u))
+
+
+def test_moe_routing_gradient_through_replay():
+    """Routing indices come from the scores themselves; the trace has lost their stop_gradient."""
+
+    def route(x):
+        inds = mx.stop_gradient(mx.argpartition(-x, kth=1, axis=-1)[..., :2])
+        return (mx.take_along_axis(x, inds, axis=-1) ** 2).sum()
+
+    x = mx.random.normal((3, 5))
+    g = trace(route, x)
+    got = mx.grad(lambda x: Replay(g, compile=True)([x])[0])(x)
+    assert mx.array_equal(got, mx.grad(route)(x))

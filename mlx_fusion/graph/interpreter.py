@@ -122,24 +122,51 @@ def _slice_update(ins, p):
     return [out]
 
 
+def _full_index(idx, axes, slice_sizes, ndim):
+    """Gather/Scatter's index arrays as plain advanced indexing.
+
+    One broadcast index array per source axis, shaped
+    (*index_shape, *slice_sizes): index + offset on the indexed axes, the
+    offset alone on the others.
+    """
+    ishape = idx[0].shape if idx else ()
+    n, index = len(ishape), []
+    for d in range(ndim):
+        offs = mx.arange(slice_sizes[d]).reshape((1,) * (n + d) + (slice_sizes[d],) + (1,) * (ndim - d - 1))
+        if d in axes:
+            ind = idx[axes.index(d)].reshape(ishape + (1,) * ndim)
+            offs = ind + offs.astype(ind.dtype)
+        index.append(offs)
+    return tuple(index)
+
+
 def _gather(ins, p):
     src, idx = ins[0], [_indices(i) for i in ins[1:]]
     axes, slice_sizes = list(p[0]), tuple(p[1])
     if axes == [0] and slice_sizes[0] == 1 and tuple(slice_sizes[1:]) == src.shape[1:]:
         # Embedding lookups: take rows, keep the unit slice dim of Gather.
         return [mx.expand_dims(mx.take(src, idx[0], axis=0), idx[0].ndim)]
-    # General case: advanced indexing with one broadcast index array per axis,
-    # shaped (*index_shape, *slice_sizes) like Gather's output.
-    ishape = idx[0].shape if idx else ()
-    n, nd = len(ishape), src.ndim
-    index = []
-    for d in range(nd):
-        offs = mx.arange(slice_sizes[d]).reshape((1,) * (n + d) + (slice_sizes[d],) + (1,) * (nd - d - 1))
-        if d in axes:
-            ind = idx[axes.index(d)].reshape(ishape + (1,) * nd)
-            offs = ind + offs.astype(ind.dtype)
-        index.append(offs)
-    return [src[tuple(index)]]
+    return [src[_full_index(idx, axes, slice_sizes, src.ndim)]]
+
+
+# Scatter::ReduceType {Max, Min, Sum, Prod, None}; None assigns.
+_SCATTER = {0: "maximum", 1: "minimum", 2: "add", 3: "multiply"}
+
+
+def _scatter(ins, p):
+    """Scatter [reduce, axes]; inputs src, one index array per axis, updates.
+
+    The updates are shaped (*index_shape, *slice_sizes), which `_full_index` indexes exactly.
+    """
+    reduce_type, axes = p[0], list(p[1])
+    src, idx, updates = ins[0], [_indices(i) for i in ins[1:-1]], ins[-1]
+    n = idx[0].ndim if idx else 0
+    index = _full_index(idx, axes, updates.shape[n:], src.ndim)
+    if reduce_type == 4:
+        out = mx.array(src)  # a fresh handle, as in _slice_update
+        out[index] = updates
+        return [out]
+    return [getattr(src.at[index], _SCATTER[reduce_type])(updates)]
 
 
 @_wants_outputs
@@ -265,6 +292,7 @@ PRIMITIVES: Dict[str, Callable] = {
     "Split": lambda ins, p: list(mx.split(ins[0], list(p[0]), axis=p[1])),
     "Pad": lambda ins, p: [mx.pad(ins[0], _pad_width(ins[0].ndim, *p), constant_values=ins[1])],
     "Gather": _gather,
+    "Scatter": _scatter,
     "GatherAxis": lambda ins, p: [mx.take_along_axis(ins[0], _indices(ins[1]), axis=p[0])],
     "ScatterAxis": _refuse_if(lambda p: p[0] != 1, "ScatterAxis with a sum")(  # ReduceType None = 1
         lambda ins, p: [mx.put_along_axis(ins[0], _indices(ins[1]), ins[2], axis=p[1])]),
