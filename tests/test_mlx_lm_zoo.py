@@ -179,7 +179,7 @@ def build(name, seed=0):
     return model
 
 
-def tokens(seed=1, shape=(2, 12)):
+def tokens(seed=1, shape=(2, 16)):  # 2 x 16 x top-2 = 64 routed rows: MoE layers sort them
     return mx.random.randint(0, BASE["vocab_size"], shape, key=mx.random.key(seed))
 
 

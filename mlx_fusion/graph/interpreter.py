@@ -6,7 +6,8 @@ node's exported argument tuple (layouts from `state()` in MLX's
 primitives.h / fast_primitives.h, with null fields dropped) or, for fused
 nodes, their settings dict. An entry marked with `wants_outputs` also gets
 ``outputs=`` (the node's output `Value`s) for the few primitives whose result
-dtype or shape is not in their arguments.
+dtype or shape is not in their arguments. The indexing entries are in
+`index_primitives`, the mx.fast / MoE / quantized ones in `model_primitives`.
 
 `plan` resolves every node before anything runs, so an unknown primitive
 raises `UnsupportedPrimitive` early and the caller can fall back. `Replay`
@@ -21,6 +22,8 @@ from typing import Callable, Dict, List, Sequence
 import mlx.core as mx
 
 from .ir import Graph, Value
+from .index_primitives import gather as _gather, indices as _indices, masked_scatter as _masked_scatter
+from .index_primitives import scatter as _scatter
 from .model_primitives import QMODES as _QMODES, cross_entropy as _cross_entropy, gather_mm as _gather_mm
 from .model_primitives import gather_qmm as _gather_qmm, quantized_matmul as _qmm, rope as _rope, sdpa as _sdpa
 
@@ -70,7 +73,7 @@ _BINARY = {
     "Add": mx.add, "ArcTan2": mx.arctan2, "Divide": mx.divide, "Greater": mx.greater,
     "GreaterEqual": mx.greater_equal, "Less": mx.less, "LessEqual": mx.less_equal,
     "LogAddExp": mx.logaddexp, "LogicalAnd": mx.logical_and, "LogicalOr": mx.logical_or,
-    "Maximum": mx.maximum, "Minimum": mx.minimum, "Multiply": mx.multiply,
+    "FloorDivide": mx.floor_divide, "Maximum": mx.maximum, "Minimum": mx.minimum, "Multiply": mx.multiply,
     "NotEqual": mx.not_equal, "Power": mx.power, "Remainder": mx.remainder, "Subtract": mx.subtract,
 }
 _LOG = {0: mx.log2, 1: mx.log10, 2: mx.log}  # Log::Base {two, ten, e}
@@ -93,16 +96,6 @@ def _optional(x):
     return None if x.ndim == 0 else x
 
 
-def _indices(x):
-    """Index operands never carry a gradient.
-
-    The trace loses `mx.stop_gradient` (export drops it as a no-op), and MLX
-    refuses a VJP through gather indices computed from differentiable values
-    (MoE routing: take_along_axis(scores, argpartition(scores))).
-    """
-    return mx.stop_gradient(x)
-
-
 def _slice(ins, p):
     start, stop, strides = p
     # Exported bounds are normalized; for a negative stride "before index 0"
@@ -120,53 +113,6 @@ def _slice_update(ins, p):
     out = mx.array(ins[0])
     out[idx] = ins[1]
     return [out]
-
-
-def _full_index(idx, axes, slice_sizes, ndim):
-    """Gather/Scatter's index arrays as plain advanced indexing.
-
-    One broadcast index array per source axis, shaped
-    (*index_shape, *slice_sizes): index + offset on the indexed axes, the
-    offset alone on the others.
-    """
-    ishape = idx[0].shape if idx else ()
-    n, index = len(ishape), []
-    for d in range(ndim):
-        offs = mx.arange(slice_sizes[d]).reshape((1,) * (n + d) + (slice_sizes[d],) + (1,) * (ndim - d - 1))
-        if d in axes:
-            ind = idx[axes.index(d)].reshape(ishape + (1,) * ndim)
-            offs = ind + offs.astype(ind.dtype)
-        index.append(offs)
-    return tuple(index)
-
-
-def _gather(ins, p):
-    src, idx = ins[0], [_indices(i) for i in ins[1:]]
-    axes, slice_sizes = list(p[0]), tuple(p[1])
-    if axes == [0] and slice_sizes[0] == 1 and tuple(slice_sizes[1:]) == src.shape[1:]:
-        # Embedding lookups: take rows, keep the unit slice dim of Gather.
-        return [mx.expand_dims(mx.take(src, idx[0], axis=0), idx[0].ndim)]
-    return [src[_full_index(idx, axes, slice_sizes, src.ndim)]]
-
-
-# Scatter::ReduceType {Max, Min, Sum, Prod, None}; None assigns.
-_SCATTER = {0: "maximum", 1: "minimum", 2: "add", 3: "multiply"}
-
-
-def _scatter(ins, p):
-    """Scatter [reduce, axes]; inputs src, one index array per axis, updates.
-
-    The updates are shaped (*index_shape, *slice_sizes), which `_full_index` indexes exactly.
-    """
-    reduce_type, axes = p[0], list(p[1])
-    src, idx, updates = ins[0], [_indices(i) for i in ins[1:-1]], ins[-1]
-    n = idx[0].ndim if idx else 0
-    index = _full_index(idx, axes, updates.shape[n:], src.ndim)
-    if reduce_type == 4:
-        out = mx.array(src)  # a fresh handle, as in _slice_update
-        out[index] = updates
-        return [out]
-    return [getattr(src.at[index], _SCATTER[reduce_type])(updates)]
 
 
 @_wants_outputs
@@ -220,6 +166,10 @@ _random_bits.check = lambda node: (
 
 def _raise_unsupported(name, why):
     raise UnsupportedPrimitive(name, why)
+
+
+_masked_scatter.check = lambda node: (
+    None if node.inputs[0].shape[:1] == (1,) else _raise_unsupported(node.op, "a batch of masks"))
 
 
 @_wants_outputs
@@ -293,6 +243,7 @@ PRIMITIVES: Dict[str, Callable] = {
     "Pad": lambda ins, p: [mx.pad(ins[0], _pad_width(ins[0].ndim, *p), constant_values=ins[1])],
     "Gather": _gather,
     "Scatter": _scatter,
+    "MaskedScatter": _masked_scatter,
     "GatherAxis": lambda ins, p: [mx.take_along_axis(ins[0], _indices(ins[1]), axis=p[0])],
     "ScatterAxis": _refuse_if(lambda p: p[0] != 1, "ScatterAxis with a sum")(  # ReduceType None = 1
         lambda ins, p: [mx.put_along_axis(ins[0], _indices(ins[1]), ins[2], axis=p[1])]),

@@ -89,7 +89,7 @@ def gather_mm(ins, p):
     sorted kernels and VJP, so the replay passes the indices the same way.
     """
     a, b = ins[:2]
-    lhs, rhs = (mx.stop_gradient(i) for i in ins[2:])  # see interpreter._indices
+    lhs, rhs = (mx.stop_gradient(i) for i in ins[2:])  # see index_primitives.indices
     left_sorted, right_sorted = p
     if right_sorted:
         return [mx.gather_mm(a, b, rhs_indices=rhs, sorted_indices=True)]
