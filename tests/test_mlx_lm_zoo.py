@@ -137,6 +137,38 @@ MORE = {
     "solar_open": ("solar_open", dict(n_shared_experts=1, n_routed_experts=4, routed_scaling_factor=1.0,
                                       first_k_dense_replace=1)),
     "stablelm": ("stablelm", dict(use_qkv_bias=False)),
+    "step3p5": ("step3p5", dict(num_attention_groups=2)),
+    "hunyuan": ("hunyuan", dict(moe_topk=2, num_shared_expert=1, use_mixed_mlp_moe=True, use_cla=False,
+                                cla_share_factor=1, use_qk_norm=False,
+                                rope_scaling={"alpha": 1.0, "factor": 1.0, "type": "dynamic"})),
+    "lfm2_moe": ("lfm2_moe", dict(use_expert_bias=False, num_dense_layers=1, conv_bias=False, conv_L_cache=3,
+                                  full_attn_idxs=[1], layer_types=["conv", "full_attention"])),
+    "exaone_moe": ("exaone_moe", dict(layer_types=["sliding_attention", "full_attention"], is_moe_layer=[False, True])),
+    "jamba": ("jamba", dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1, expert_layer_period=2,
+                            mamba_d_conv=2, mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4)),
+    "nemotron_h": ("nemotron_h", dict(mamba_num_heads=4, mamba_head_dim=8, mamba_proj_bias=False, ssm_state_size=4,
+                                      conv_kernel=2, n_groups=1, mlp_bias=False, use_bias=False, use_conv_bias=True,
+                                      hybrid_override_pattern="M*")),
+    "olmo_hybrid": ("olmo_hybrid", dict(_LINEAR_ATTN, linear_allow_neg_eigval=False)),
+    "rwkv7": ("rwkv7", dict(a_low_rank_dim=8, v_low_rank_dim=8, gate_low_rank_dim=8, decay_low_rank_dim=8)),
+    "minicpm3": ("minicpm3", dict(dim_model_base=32, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                  kv_lora_rank=16, scale_depth=1.0, scale_emb=1.0,
+                                  rope_scaling={"original_max_position_embeddings": 128})),
+    "mistral4": ("mistral4", dict(n_shared_experts=1, n_routed_experts=4, routed_scaling_factor=1.0, kv_lora_rank=16,
+                                  q_lora_rank=16, topk_group=1, first_k_dense_replace=1, n_group=1,
+                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, rope_parameters=_ROPE4)),
+    # multimodal wrappers, text only
+    "pixtral": ("pixtral", dict(text_config={**BASE, "model_type": "llama"})),
+    "kimi_vl": ("kimi_vl", dict(text_config={**BASE, "model_type": "deepseek_v3"})),
+    "qwen3_vl_moe": ("qwen3_vl_moe", dict(text_config={**BASE, "model_type": "qwen3_vl_moe"})),
+    "qwen3_5_moe": ("qwen3_5_moe", dict(text_config={
+        **BASE, **_LINEAR_ATTN, "model_type": "qwen3_5_moe",
+        "rope_parameters": {"type": "default", "mrope_section": [1, 1, 0], "rope_theta": 10000,
+                            "partial_rotary_factor": 0.5}})),
+    "lfm2-vl": ("lfm2-vl", dict(text_config={
+        **BASE, "model_type": "lfm2", "conv_bias": False, "conv_L_cache": 3, "block_dim": 32,
+        "block_multiple_of": 16, "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False,
+        "full_attn_idxs": [1], "layer_types": ["conv", "full_attention"]})),
 }
 ARCHS = {**CORE, **MORE}
 
@@ -144,8 +176,32 @@ ARCHS = {**CORE, **MORE}
 HELPERS = {"activations", "base", "bitlinear_layers", "cache", "gated_delta", "mla", "pipeline", "rope_utils",
            "ssm", "switch_layers"}
 # Architectures not built here, and why.
+_TODO = "no tiny config written yet: "
 EXCLUDED = {
     "olmo": "needs the ai2-olmo package (`hf_olmo`), not a test dependency",
+    "bitnet": "its BitLinear layers run an mx.fast.metal_kernel: no CPU path to compare against",
+    "prism_hadamard_qwen35": "needs a Hadamard pack (schema 2) that comes with its checkpoint",
+    "phixtral": "building the tiny model crashed the process (not investigated)",
+    "gemma4": _TODO + "with BASE the wrapper builds a full-size text model (out of memory)",
+    "afm7": _TODO + "hidden_dim, num_layers, num_kv_reuse_layers, num_heads, num_kv_heads",
+    "bailing_hybrid": _TODO + "10 MLA / grouped-MoE fields (n_group, kv_lora_rank, qk_rope_head_dim, ...)",
+    "bailing_moe_v3": _TODO + "its default MLA shapes do not fit hidden 32 ([Unflatten] size 4 into (8, 0))",
+    "gemma3n": _TODO + "text_config with the AltUp / Laurel / per-layer-input fields",
+    "gemma4_text": _TODO + "per-layer lists (IndexError building the layers with BASE)",
+    "glm_moe_dsa": _TODO + "18 indexer / MLA / MoE fields",
+    "granitemoehybrid": _TODO + "its Mamba layer fields (None * int with BASE)",
+    "kimi_k25": _TODO + "a multimodal wrapper's text_config",
+    "kimi_k3": _TODO + "its own activation and linear-attention settings (rejects hidden_act='gelu')",
+    "kimi_linear": _TODO + "linear_attn_config, model_max_length, kv_lora_rank",
+    "llama4": _TODO + "its text_config (chunked attention, one expert per token; IndexError with the one tried)",
+    "longcat_flash": _TODO + "16 MLA / zero-expert fields",
+    "longcat_flash_ngram": _TODO + "14 MLA / n-gram fields",
+    "mellum": _TODO + "RoPE parameters per layer type (KeyError 'sliding_attention')",
+    "mimo_v2_flash": _TODO + "19 hybrid-attention / MoE fields",
+    "minimax_m3_vl": _TODO + "a multimodal wrapper's text_config",
+    "muse_spark": _TODO + "a multimodal wrapper's text_config",
+    "nemotron-nas": _TODO + "one block_configs entry per layer",
+    "spark2_5": _TODO + "RoPE parameters per layer type (missing for 'sliding_attention')",
 }
 # Architectures whose fused forward runs the original code, with the reason the test expects.
 EXPECTED_FALLBACK = {
@@ -220,9 +276,13 @@ def test_every_module_is_classified():
 
 
 def archs(test, names):
-    """`names` as parameters, with the KNOWN_BROKEN ones of `test` as strict xfails."""
-    return [pytest.param(*n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN[test, n[0]]))
-            if (test, n[0]) in KNOWN_BROKEN else n for n in names]
+    """`names` (tuples of parameters) with the KNOWN_BROKEN ones of `test` as strict xfails."""
+    def param(n):
+        broken = KNOWN_BROKEN.get((test, n[0]))
+        marks = [pytest.mark.xfail(strict=True, reason=broken)] if broken else []
+        return pytest.param(*n, marks=marks, id="-".join(map(str, n)))
+
+    return [param(n) for n in names]
 
 
 @pytest.mark.parametrize("name", archs("logits", [(n,) for n in sorted(ARCHS)]))
