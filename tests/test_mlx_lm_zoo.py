@@ -217,6 +217,9 @@ KNOWN_BROKEN = {  # the tracer leak also hits hunyuan_v1_dense and talkie (in MO
     ("logits", "recurrent_gemma"): NO_INIT,
     ("quantized", "recurrent_gemma"): NO_INIT,
 }
+# Architectures whose trace has a fusible chain on the CPU (linear + bias + GELU), so a real rewrite
+# is replayed and differentiated, not only the plain primitives.
+FUSES = {"gpt2", "gpt_neox", "phi", "starcoder2"}
 # Architectures that mlx-lm itself cannot differentiate (the gradient test checks that it raises).
 NO_GRADIENTS = {
     "deepseek_v41": "take_along_axis over argpartition indices without stop_gradient: MLX refuses the VJP",
@@ -292,6 +295,8 @@ def test_logits_and_gradients(name):
     x, y = tokens(1), tokens(2)
     expect = model(x)
     assert_trees_close(fused_call(name, fused, x), expect)
+    if name in FUSES:
+        assert fused.fusion_stats.applied_count > 0
     if name in NO_GRADIENTS:
         with pytest.raises(ValueError):
             nn.value_and_grad(model, loss_fn)(model, x, y)
