@@ -262,10 +262,12 @@ def test_gather_mm_replays_every_index_form(indices):
     assert_close(gw, ew)
 
 
-@pytest.mark.parametrize("mode,bits,group", [("affine", 4, 32), ("affine", 8, 64), ("mxfp4", 4, 32)])
+@pytest.mark.parametrize("mode,bits,group", [("affine", 4, 32), ("affine", 8, 64), ("mxfp4", 4, 32), ("mxfp8", 8, 32),
+                                             ("nvfp4", 4, 16)])
 @pytest.mark.parametrize("sorted_indices", [False, True])
 def test_gather_qmm_and_quantized_matmul_nodes(mode, bits, group, sorted_indices):
     wq, *sb = mx.quantize(mx.random.normal((4, 16, 64)), group_size=group, bits=bits, mode=mode)
+    mx.eval(wq, sb)  # else the trace would contain the (unexportable) fp8 conversion of the scales
     x, idx = mx.random.normal((6, 1, 64)), mx.array([0, 0, 1, 2, 3, 3], dtype=mx.uint32)
     qkw = dict(transpose=True, group_size=group, bits=bits, mode=mode)
     biases = sb[1] if len(sb) > 1 else None
@@ -274,7 +276,7 @@ def test_gather_qmm_and_quantized_matmul_nodes(mode, bits, group, sorted_indices
         return mx.gather_qmm(x, wq, sb[0], biases, rhs_indices=i, sorted_indices=sorted_indices, **qkw)
 
     g, ops_seen = traced_nodes(fn, x, idx)
-    assert ops_seen["GatherQMM"][:4] == (group, bits, ("affine", "mxfp4").index(mode), True)
+    assert ops_seen["GatherQMM"][:4] == (group, bits, interpreter._QMODES.index(mode), True)
     assert mx.array_equal(Replay(g, compile=True)([x, idx])[0], fn(x, idx))
     # QuantizedMatmul: the same weights without the expert gather.
     w2 = wq[0]
@@ -333,3 +335,40 @@ def test_masked_scatter_and_floor_divide_replay():
     assert {"MaskedScatter", "FloorDivide"} <= set(ops_seen)
     for got, expect in zip(Replay(g, compile=True)(args), fn(*args)):
         assert mx.array_equal(got, expect) and got.dtype == expect.dtype
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_norm_vjp_nodes(with_weight):
+    x, g = mx.random.normal((3, 5, 16)), mx.random.normal((3, 5, 16))
+    w, b = mx.random.normal((16,)), mx.random.normal((16,))
+    none = mx.array(0.0)  # MLX's placeholder for an absent weight or bias
+    rms_w = w if with_weight else none
+    outs = replay_node("RMSNormVJP", [x, rms_w, g], [(x.shape, F32), (rms_w.shape, F32)], (1e-5,))
+    prim = [x, w] if with_weight else [x]
+    fn = (lambda x, w: mx.fast.rms_norm(x, w, 1e-5)) if with_weight else (lambda x: mx.fast.rms_norm(x, None, 1e-5))
+    _, expect = mx.vjp(fn, prim, [g])
+    for got, e in zip(outs, expect):
+        assert_close(got, e)
+    ln = [x, w, b] if with_weight else [x, none, none]
+    outs = replay_node("LayerNormVJP", ln + [g], [(a.shape, F32) for a in ln], (1e-5,))
+    if with_weight:
+        _, expect = mx.vjp(lambda x, w, b: mx.fast.layer_norm(x, w, b, 1e-5), [x, w, b], [g])
+    else:
+        _, (dx,) = mx.vjp(lambda x: mx.fast.layer_norm(x, None, None, 1e-5), [x], [g])
+        expect = [dx, mx.zeros(()), mx.zeros(())]
+    for got, e in zip(outs, expect):
+        assert_close(got, e)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_vjp_node(causal):
+    q, k, v = mx.random.normal((1, 4, 3, 8)), mx.random.normal((1, 2, 5, 8)), mx.random.normal((1, 2, 5, 8))
+    g = mx.random.normal((1, 4, 3, 8))
+    mask = "causal" if causal else None
+    attend = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.35, mask=mask)
+    out, (dq, dk, dv) = mx.vjp(attend, [q, k, v], [g])
+    lse = reference_logsumexp(q, k, 0.35, mx.arange(2, 5)[:, None] >= mx.arange(5)[None] if causal else None)
+    ins = [q, k, v, out[0], lse, g]
+    outs = replay_node("ScaledDotProductAttentionVJP", ins, [(a.shape, F32) for a in (q, k, v)], (0.35, causal, False))
+    for got, e in zip(outs, (dq, dk, dv)):
+        assert_close(got, e)

@@ -307,11 +307,15 @@ def test_logits_and_gradients(name):
     assert_trees_close(fgrads, grads)
 
 
-@pytest.mark.parametrize("name,bits", archs("quantized", [(n, 4) for n in sorted(ARCHS)] + [(n, 8) for n in sorted(CORE)]))
-def test_quantized_logits(name, bits):
+QUANTIZED = [(n, 4, "affine") for n in sorted(ARCHS)] + [(n, 8, "affine") for n in sorted(CORE)] + [
+    (n, b, mode) for n in ("llama", "mixtral") for b, mode in ((4, "mxfp4"), (8, "mxfp8"))]
+
+
+@pytest.mark.parametrize("name,bits,mode", archs("quantized", QUANTIZED))
+def test_quantized_logits(name, bits, mode):
     model = build(name)
     # Layers whose input width is not a multiple of the group size stay in float.
-    nn.quantize(model, group_size=32, bits=bits,
+    nn.quantize(model, group_size=32, bits=bits, mode=mode,
                 class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0)
     fused = mlx_fusion.fuse(model)
     x = tokens(3)

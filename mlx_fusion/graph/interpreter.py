@@ -26,6 +26,7 @@ from .index_primitives import gather as _gather, indices as _indices, masked_sca
 from .index_primitives import scatter as _scatter
 from .model_primitives import QMODES as _QMODES, cross_entropy as _cross_entropy, gather_mm as _gather_mm
 from .model_primitives import gather_qmm as _gather_qmm, quantized_matmul as _qmm, rope as _rope, sdpa as _sdpa
+from .model_primitives import layer_norm_vjp as _layer_norm_vjp, rms_norm_vjp as _rms_norm_vjp, sdpa_vjp as _sdpa_vjp
 
 __all__ = ["PRIMITIVES", "UnsupportedPrimitive", "register_primitive", "plan", "Replay", "run_graph"]
 
@@ -269,6 +270,10 @@ PRIMITIVES: Dict[str, Callable] = {
     "GatherMM": _gather_mm,
     "GatherQMM": _gather_qmm,
     "CrossEntropy": _cross_entropy,
+    # backward halves of mx.fast ops (a traced function that takes a gradient, on a GPU)
+    "RMSNormVJP": _rms_norm_vjp,
+    "LayerNormVJP": _layer_norm_vjp,
+    "ScaledDotProductAttentionVJP": _sdpa_vjp,
     # creation and randomness (the key is an input: see trace.py, Replay)
     "Arange": _arange,
     "RandomBits": _random_bits,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 __all__ = ["QMODES", "rope", "sdpa", "attention_logsumexp", "cross_entropy", "gather_mm", "gather_qmm",
-           "quantized_matmul"]
+           "quantized_matmul", "rms_norm_vjp", "layer_norm_vjp", "sdpa_vjp"]
 
 QMODES = ("affine", "mxfp4", "mxfp8", "nvfp4")  # QuantizationMode
 
@@ -122,3 +122,45 @@ def quantized_matmul(ins, p):
     biases = ins[3] if len(ins) > 3 else None
     return [mx.quantized_matmul(x, w, scales, biases, transpose=transpose, group_size=group_size,
                                 bits=bits, mode=QMODES[mode])]
+
+
+# -- the backward halves: in a trace only when the traced function itself takes a gradient on a GPU.
+# A missing norm weight/bias is a 0-d placeholder input (a real one is 1-D); its gradient is zeros.
+def rms_norm_vjp(ins, p):
+    """RMSNormVJP [eps]; inputs x, w, cotangent; outputs dx, dw (zeros for a placeholder w)."""
+    x, w, g = ins
+    if w.ndim == 0:
+        _, (dx,) = mx.vjp(lambda x: mx.fast.rms_norm(x, None, p[0]), [x], [g])
+        return [dx, mx.zeros_like(w)]
+    _, (dx, dw) = mx.vjp(lambda x, w: mx.fast.rms_norm(x, w, p[0]), [x, w], [g])
+    return [dx, dw]
+
+
+def layer_norm_vjp(ins, p):
+    """LayerNormVJP [eps]; inputs x, w, b, cotangent; outputs dx, dw, db."""
+    x, w, b, g = ins
+    present = [a for a in (w, b) if a.ndim != 0]
+
+    def norm(x, *wb):
+        it = iter(wb)
+        return mx.fast.layer_norm(x, next(it) if w.ndim else None, next(it) if b.ndim else None, p[0])
+
+    _, grads = mx.vjp(norm, [x, *present], [g])
+    grads = iter(grads)
+    dx = next(grads)
+    return [dx] + [next(grads) if a.ndim else mx.zeros_like(a) for a in (w, b)]
+
+
+def sdpa_vjp(ins, p):
+    """ScaledDotProductAttentionVJP [scale, causal, has_sinks]; outputs dq, dk, dv.
+
+    Inputs are the forward's (q, k, v[, mask][, sinks]), then its output, its
+    log-sum-exp and the cotangent; the gradient is MLX's own through the forward.
+    """
+    scale, causal, has_sinks = p[:3]
+    primals, g = list(ins[:-3]), ins[-1]
+    sinks = primals.pop() if has_sinks else None
+    mask = primals[3] if len(primals) > 3 else ("causal" if causal else None)
+    attend = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+    _, grads = mx.vjp(attend, primals[:3], [g])
+    return list(grads)
