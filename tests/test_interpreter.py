@@ -372,3 +372,13 @@ def test_attention_vjp_node(causal):
     outs = replay_node("ScaledDotProductAttentionVJP", ins, [(a.shape, F32) for a in (q, k, v)], (0.35, causal, False))
     for got, e in zip(outs, (dq, dk, dv)):
         assert_close(got, e)
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_norm_nodes(with_weight):
+    x, w, b, none = mx.random.normal((3, 16)), mx.random.normal((16,)), mx.random.normal((16,)), mx.array(0.0)
+    ws, bs = (w, b) if with_weight else (none, none)
+    (out,) = replay_node("RMSNorm", [x, ws], [(x.shape, F32)], (1e-5,))
+    assert_close(out, mx.fast.rms_norm(x, w if with_weight else None, 1e-5))
+    (out,) = replay_node("LayerNorm", [x, ws, bs], [(x.shape, F32)], (1e-5,))
+    assert_close(out, mx.fast.layer_norm(x, w if with_weight else None, b if with_weight else None, 1e-5))
