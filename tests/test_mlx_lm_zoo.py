@@ -51,6 +51,7 @@ CORE = {
     "mistral": ("llama", {"model_type": "mistral"}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
+    "gemma": ("gemma", {}),
     "gemma2": ("gemma2", {}),
     "phi": ("phi", {}),
     "phi3": ("phi3", {}),
@@ -69,7 +70,7 @@ _LINEAR_ATTN = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key
 _GRANITE = dict(logits_scaling=1.0, attention_multiplier=0.125, embedding_multiplier=1.0, residual_multiplier=1.0)
 MORE = {
     **{name: (name, {}) for name in [  # BASE is enough
-        "cohere", "deepseek", "deepseek_v3", "deepseek_v32", "falcon_h1", "gemma", "glm", "glm4",
+        "cohere", "deepseek", "deepseek_v3", "deepseek_v32", "falcon_h1", "glm", "glm4",
         "glm4_moe_lite", "gpt_bigcode", "gpt_oss", "hunyuan_v1_dense", "internlm2", "internlm3", "iquestloopcoder", "laguna", "mimo",
         "muse_glimmer", "nanbeige", "nemotron", "olmo2", "olmoe", "phimoe", "plamo2", "plamo3", "qwen2_vl",
         "qwen3_vl", "seed_oss", "smollm3", "talkie", "telechat3", "youtu_llm"]},
