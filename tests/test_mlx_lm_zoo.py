@@ -19,7 +19,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 mlx_lm_models = pytest.importorskip("mlx_lm.models")
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
@@ -332,15 +332,9 @@ def add_lora(model):
     # lora_b starts at zero, which makes lora_a's gradient zero: give it values.
     for path, p in tree_flatten(model.trainable_parameters()):
         if path.endswith("lora_b"):
-            model.update(_at(path, mx.random.normal(p.shape) * 0.1))
+            model.update(tree_unflatten([(path, mx.random.normal(p.shape) * 0.1)]))
     mx.eval(model.parameters())
     return model
-
-
-def _at(path, value):
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten([(path, value)])
 
 
 @pytest.mark.parametrize("name", sorted(CORE))
