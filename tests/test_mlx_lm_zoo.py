@@ -67,11 +67,14 @@ _ROPE4 = {"rope_theta": 10000.0, "rope_type": "default", "llama_4_scaling_beta":
           "original_max_position_embeddings": 128}
 _LINEAR_ATTN = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
                     linear_conv_kernel_dim=2, full_attention_interval=2)
+_ROPE_PER_TYPE = {t: {"rope_theta": 10000.0, "rope_type": "default"}
+                  for t in ("full_attention", "sliding_attention")}
 _GRANITE = dict(logits_scaling=1.0, attention_multiplier=0.125, embedding_multiplier=1.0, residual_multiplier=1.0)
 MORE = {
     **{name: (name, {}) for name in [  # BASE is enough
         "cohere", "deepseek", "deepseek_v3", "deepseek_v32", "falcon_h1", "glm", "glm4",
-        "glm4_moe_lite", "gpt_bigcode", "gpt_oss", "hunyuan_v1_dense", "internlm2", "internlm3", "iquestloopcoder", "laguna", "mimo",
+        "glm4_moe_lite", "gpt_bigcode", "gpt_oss", "hunyuan_v1_dense", "internlm2", "internlm3",
+        "iquestloopcoder", "laguna", "mimo",
         "muse_glimmer", "nanbeige", "nemotron", "olmo2", "olmoe", "phimoe", "plamo2", "plamo3", "qwen2_vl",
         "qwen3_vl", "seed_oss", "smollm3", "talkie", "telechat3", "youtu_llm"]},
     "Klear": ("Klear", dict(n_shared_experts=1)),
@@ -156,6 +159,16 @@ MORE = {
     "mistral4": ("mistral4", dict(n_shared_experts=1, n_routed_experts=4, routed_scaling_factor=1.0, kv_lora_rank=16,
                                   q_lora_rank=16, topk_group=1, first_k_dense_replace=1, n_group=1,
                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, rope_parameters=_ROPE4)),
+    "mellum": ("mellum", dict(layer_types=["sliding_attention", "full_attention"],
+                              rope_parameters=_ROPE_PER_TYPE)),
+    "spark2_5": ("spark2_5", dict(layer_types=["sliding_attention", "full_attention"],
+                                  rope_parameters=_ROPE_PER_TYPE)),
+    "gemma4_text": ("gemma4_text", dict(layer_types=["sliding_attention", "full_attention"], sliding_window_pattern=2,
+                                        vocab_size_per_layer_input=64, hidden_size_per_layer_input=8,
+                                        num_kv_shared_layers=0)),
+    "granitemoehybrid": ("granitemoehybrid", dict(
+        _GRANITE, layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=8, mamba_proj_bias=False,
+        mamba_d_state=4, mamba_d_conv=2, mamba_n_groups=1, mamba_conv_bias=True, shared_intermediate_size=32)),
     # multimodal wrappers, text only
     "pixtral": ("pixtral", dict(text_config={**BASE, "model_type": "llama"})),
     "kimi_vl": ("kimi_vl", dict(text_config={**BASE, "model_type": "deepseek_v3"})),
@@ -186,25 +199,22 @@ EXCLUDED = {
     "bailing_hybrid": _TODO + "10 MLA / grouped-MoE fields (n_group, kv_lora_rank, qk_rope_head_dim, ...)",
     "bailing_moe_v3": _TODO + "its default MLA shapes do not fit hidden 32 ([Unflatten] size 4 into (8, 0))",
     "gemma3n": _TODO + "text_config with the AltUp / Laurel / per-layer-input fields",
-    "gemma4_text": _TODO + "per-layer lists (IndexError building the layers with BASE)",
     "glm_moe_dsa": _TODO + "18 indexer / MLA / MoE fields",
-    "granitemoehybrid": _TODO + "its Mamba layer fields (None * int with BASE)",
     "kimi_k25": _TODO + "a multimodal wrapper's text_config",
     "kimi_k3": _TODO + "its own activation and linear-attention settings (rejects hidden_act='gelu')",
     "kimi_linear": _TODO + "linear_attn_config, model_max_length, kv_lora_rank",
     "llama4": _TODO + "its text_config (chunked attention, one expert per token; IndexError with the one tried)",
     "longcat_flash": _TODO + "16 MLA / zero-expert fields",
     "longcat_flash_ngram": _TODO + "14 MLA / n-gram fields",
-    "mellum": _TODO + "RoPE parameters per layer type (KeyError 'sliding_attention')",
     "mimo_v2_flash": _TODO + "19 hybrid-attention / MoE fields",
     "minimax_m3_vl": _TODO + "a multimodal wrapper's text_config",
     "muse_spark": _TODO + "a multimodal wrapper's text_config",
     "nemotron-nas": _TODO + "one block_configs entry per layer",
-    "spark2_5": _TODO + "RoPE parameters per layer type (missing for 'sliding_attention')",
 }
 # Architectures whose fused forward runs the original code, with the reason the test expects.
 EXPECTED_FALLBACK = {
     "dbrx": "could not trace: ValueError: [eval] Attempting to eval an array during function transformations",
+    "spark2_5": "could not trace: ValueError: [export_function] Unable to get state for primitive Contiguous",
 }
 # Quantization modes whose models cannot be traced: mx.export_function has no state for the fp8
 # conversion (FromFP8) that an mxfp8 QuantizedEmbedding's dequantize traces to (QuantizedLinear is fine).
