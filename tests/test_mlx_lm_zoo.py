@@ -69,6 +69,8 @@ _LINEAR_ATTN = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key
                     linear_conv_kernel_dim=2, full_attention_interval=2)
 _ROPE_PER_TYPE = {t: {"rope_theta": 10000.0, "rope_type": "default"}
                   for t in ("full_attention", "sliding_attention")}
+_GEMMA4 = dict(layer_types=["sliding_attention", "full_attention"], sliding_window_pattern=2,
+               vocab_size_per_layer_input=64, hidden_size_per_layer_input=8, num_kv_shared_layers=0)
 _GRANITE = dict(logits_scaling=1.0, attention_multiplier=0.125, embedding_multiplier=1.0, residual_multiplier=1.0)
 MORE = {
     **{name: (name, {}) for name in [  # BASE is enough
@@ -163,9 +165,8 @@ MORE = {
                               rope_parameters=_ROPE_PER_TYPE)),
     "spark2_5": ("spark2_5", dict(layer_types=["sliding_attention", "full_attention"],
                                   rope_parameters=_ROPE_PER_TYPE)),
-    "gemma4_text": ("gemma4_text", dict(layer_types=["sliding_attention", "full_attention"], sliding_window_pattern=2,
-                                        vocab_size_per_layer_input=64, hidden_size_per_layer_input=8,
-                                        num_kv_shared_layers=0)),
+    "gemma4_text": ("gemma4_text", _GEMMA4),
+    "gemma4": ("gemma4", dict(text_config={**BASE, **_GEMMA4})),
     "granitemoehybrid": ("granitemoehybrid", dict(
         _GRANITE, layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=8, mamba_proj_bias=False,
         mamba_d_state=4, mamba_d_conv=2, mamba_n_groups=1, mamba_conv_bias=True, shared_intermediate_size=32)),
@@ -194,7 +195,6 @@ EXCLUDED = {
     "bitnet": "its BitLinear layers run an mx.fast.metal_kernel: no CPU path to compare against",
     "prism_hadamard_qwen35": "needs a Hadamard pack (schema 2) that comes with its checkpoint",
     "phixtral": "building the tiny model crashed the process (not investigated)",
-    "gemma4": _TODO + "with BASE the wrapper builds a full-size text model (out of memory)",
     "afm7": _TODO + "hidden_dim, num_layers, num_kv_reuse_layers, num_heads, num_kv_heads",
     "bailing_hybrid": _TODO + "10 MLA / grouped-MoE fields (n_group, kv_lora_rank, qk_rope_head_dim, ...)",
     "bailing_moe_v3": _TODO + "its default MLA shapes do not fit hidden 32 ([Unflatten] size 4 into (8, 0))",
