@@ -167,6 +167,7 @@ MORE = {
                                   rope_parameters=_ROPE_PER_TYPE)),
     "gemma4_text": ("gemma4_text", _GEMMA4),
     "gemma4": ("gemma4", dict(text_config={**BASE, **_GEMMA4})),
+    "phixtral": ("phixtral", dict(num_vocab=64, model_dim=32, num_heads=4, num_layers=2, rotary_dim=4)),
     "granitemoehybrid": ("granitemoehybrid", dict(
         _GRANITE, layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=8, mamba_proj_bias=False,
         mamba_d_state=4, mamba_d_conv=2, mamba_n_groups=1, mamba_conv_bias=True, shared_intermediate_size=32)),
@@ -194,7 +195,6 @@ EXCLUDED = {
     "olmo": "needs the ai2-olmo package (`hf_olmo`), not a test dependency",
     "bitnet": "its BitLinear layers run an mx.fast.metal_kernel: no CPU path to compare against",
     "prism_hadamard_qwen35": "needs a Hadamard pack (schema 2) that comes with its checkpoint",
-    "phixtral": "building the tiny model crashed the process (not investigated)",
     "afm7": _TODO + "hidden_dim, num_layers, num_kv_reuse_layers, num_heads, num_kv_heads",
     "bailing_hybrid": _TODO + "10 MLA / grouped-MoE fields (n_group, kv_lora_rank, qk_rope_head_dim, ...)",
     "bailing_moe_v3": _TODO + "its default MLA shapes do not fit hidden 32 ([Unflatten] size 4 into (8, 0))",
