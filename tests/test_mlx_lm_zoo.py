@@ -115,6 +115,11 @@ MORE = {
                           layer_types=["conv", "full_attention"])),
     "lille-130m": ("lille-130m", dict(block_size=128, n_kv_heads=2, n_embd=96)),
     "llama4_text": ("llama4_text", dict(intermediate_size_mlp=64, no_rope_layers=[1, 0], use_qk_norm=False)),
+    # the wrapper reads the cache of layer 3 (chunked vs global attention): 4 layers, one expert per token
+    "llama4": ("llama4", dict(text_config={
+        **BASE, "model_type": "llama4_text", "num_hidden_layers": 4, "attention_chunk_size": 16,
+        "intermediate_size_mlp": 64, "no_rope_layers": [1, 1, 1, 0], "use_qk_norm": False,
+        "num_experts_per_tok": 1, "interleave_moe_layer_step": 1})),
     "mamba": ("mamba", dict(state_size=4, conv_kernel=2, use_bias=False, use_conv_bias=True, time_step_rank=4)),
     "mamba2": ("mamba2", dict(num_heads=4, state_size=4, conv_kernel=2, n_groups=1, use_bias=False,
                               use_conv_bias=True, time_step_limit=(0.0, 100.0), time_step_rank=4, head_dim=16,
@@ -203,7 +208,6 @@ EXCLUDED = {
     "kimi_k25": _TODO + "a multimodal wrapper's text_config",
     "kimi_k3": _TODO + "its own activation and linear-attention settings (rejects hidden_act='gelu')",
     "kimi_linear": _TODO + "linear_attn_config, model_max_length, kv_lora_rank",
-    "llama4": _TODO + "its text_config (chunked attention, one expert per token; IndexError with the one tried)",
     "longcat_flash": _TODO + "16 MLA / zero-expert fields",
     "longcat_flash_ngram": _TODO + "14 MLA / n-gram fields",
     "mimo_v2_flash": _TODO + "19 hybrid-attention / MoE fields",
