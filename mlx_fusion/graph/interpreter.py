@@ -6,7 +6,8 @@ node's exported argument tuple (layouts from `state()` in MLX's
 primitives.h / fast_primitives.h, with null fields dropped) or, for fused
 nodes, their settings dict. An entry marked with `wants_outputs` also gets
 ``outputs=`` (the node's output `Value`s) for the few primitives whose result
-dtype or shape is not in their arguments.
+dtype or shape is not in their arguments. The indexing entries are in
+`index_primitives`, the mx.fast / MoE / quantized ones in `model_primitives`.
 
 `plan` resolves every node before anything runs, so an unknown primitive
 raises `UnsupportedPrimitive` early and the caller can fall back. `Replay`
@@ -21,6 +22,11 @@ from typing import Callable, Dict, List, Sequence
 import mlx.core as mx
 
 from .ir import Graph, Value
+from .index_primitives import gather as _gather, indices as _indices, masked_scatter as _masked_scatter
+from .index_primitives import scatter as _scatter
+from .model_primitives import QMODES as _QMODES, cross_entropy as _cross_entropy, gather_mm as _gather_mm
+from .model_primitives import gather_qmm as _gather_qmm, quantized_matmul as _qmm, rope as _rope, sdpa as _sdpa
+from .model_primitives import layer_norm_vjp as _layer_norm_vjp, rms_norm_vjp as _rms_norm_vjp, sdpa_vjp as _sdpa_vjp
 
 __all__ = ["PRIMITIVES", "UnsupportedPrimitive", "register_primitive", "plan", "Replay", "run_graph"]
 
@@ -68,7 +74,7 @@ _BINARY = {
     "Add": mx.add, "ArcTan2": mx.arctan2, "Divide": mx.divide, "Greater": mx.greater,
     "GreaterEqual": mx.greater_equal, "Less": mx.less, "LessEqual": mx.less_equal,
     "LogAddExp": mx.logaddexp, "LogicalAnd": mx.logical_and, "LogicalOr": mx.logical_or,
-    "Maximum": mx.maximum, "Minimum": mx.minimum, "Multiply": mx.multiply,
+    "FloorDivide": mx.floor_divide, "Maximum": mx.maximum, "Minimum": mx.minimum, "Multiply": mx.multiply,
     "NotEqual": mx.not_equal, "Power": mx.power, "Remainder": mx.remainder, "Subtract": mx.subtract,
 }
 _LOG = {0: mx.log2, 1: mx.log10, 2: mx.log}  # Log::Base {two, ten, e}
@@ -77,7 +83,6 @@ _BITWISE = {0: mx.bitwise_and, 1: mx.bitwise_or, 2: mx.bitwise_xor, 3: mx.left_s
 _REDUCE = {0: mx.all, 1: mx.any, 2: mx.sum, 3: mx.prod, 4: mx.min, 5: mx.max}
 # Scan::ReduceType {Max, Min, Sum, Prod, LogAddExp}
 _SCAN = {0: mx.cummax, 1: mx.cummin, 2: mx.cumsum, 3: mx.cumprod, 4: mx.logcumsumexp}
-_QMODES = ("affine", "mxfp4", "mxfp8", "nvfp4")  # QuantizationMode
 
 
 def _equal(ins, p):
@@ -111,26 +116,6 @@ def _slice_update(ins, p):
     return [out]
 
 
-def _gather(ins, p):
-    src, idx = ins[0], ins[1:]
-    axes, slice_sizes = list(p[0]), tuple(p[1])
-    if axes == [0] and slice_sizes[0] == 1 and tuple(slice_sizes[1:]) == src.shape[1:]:
-        # Embedding lookups: take rows, keep the unit slice dim of Gather.
-        return [mx.expand_dims(mx.take(src, idx[0], axis=0), idx[0].ndim)]
-    # General case: advanced indexing with one broadcast index array per axis,
-    # shaped (*index_shape, *slice_sizes) like Gather's output.
-    ishape = idx[0].shape if idx else ()
-    n, nd = len(ishape), src.ndim
-    index = []
-    for d in range(nd):
-        offs = mx.arange(slice_sizes[d]).reshape((1,) * (n + d) + (slice_sizes[d],) + (1,) * (nd - d - 1))
-        if d in axes:
-            ind = idx[axes.index(d)].reshape(ishape + (1,) * nd)
-            offs = ind + offs.astype(ind.dtype)
-        index.append(offs)
-    return [src[tuple(index)]]
-
-
 @_wants_outputs
 def _broadcast_axes(ins, p, outputs):
     ignore = {a % len(outputs[0].shape) for a in p[0]}
@@ -141,37 +126,12 @@ def _broadcast_axes(ins, p, outputs):
     return outs
 
 
-def _qmm(ins, p):
-    group_size, bits, mode, transpose = p
-    x, w, scales = ins[:3]
-    biases = ins[3] if len(ins) > 3 else None
-    return [mx.quantized_matmul(x, w, scales, biases, transpose=transpose, group_size=group_size,
-                                bits=bits, mode=_QMODES[mode])]
-
-
 def _quantize(ins, p):
     group_size, bits, mode, dequantize = p
     kw = dict(group_size=group_size, bits=bits, mode=_QMODES[mode])
     if dequantize:
         return [mx.dequantize(ins[0], ins[1], ins[2] if len(ins) > 2 else None, **kw)]
     return list(mx.quantize(ins[0], **kw))
-
-
-@_refuse_if(lambda p: not p[4], "inverse RoPE (only appears in gradients)")
-def _rope(ins, p):
-    dims, traditional, base, scale, forward = p
-    freqs = ins[2] if len(ins) > 2 else None
-    return [mx.fast.rope(ins[0], dims, traditional=traditional, base=None if freqs is not None else base,
-                         scale=scale, offset=ins[1], freqs=freqs)]
-
-
-@_refuse_if(lambda p: p[3], "attention with a logsumexp output (GPU training graphs)")
-def _sdpa(ins, p):
-    scale, causal, has_sinks, logsumexp = p[:4]
-    q, k, v, rest = ins[0], ins[1], ins[2], list(ins[3:])
-    sinks = rest.pop() if has_sinks else None
-    mask = rest[0] if rest else ("causal" if causal else None)
-    return [mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)]
 
 
 def _bit_words(p) -> int:
@@ -207,6 +167,10 @@ _random_bits.check = lambda node: (
 
 def _raise_unsupported(name, why):
     raise UnsupportedPrimitive(name, why)
+
+
+_masked_scatter.check = lambda node: (
+    None if node.inputs[0].shape[:1] == (1,) else _raise_unsupported(node.op, "a batch of masks"))
 
 
 @_wants_outputs
@@ -285,9 +249,11 @@ PRIMITIVES: Dict[str, Callable] = {
     "Split": lambda ins, p: list(mx.split(ins[0], list(p[0]), axis=p[1])),
     "Pad": lambda ins, p: [mx.pad(ins[0], _pad_width(ins[0].ndim, *p), constant_values=ins[1])],
     "Gather": _gather,
-    "GatherAxis": lambda ins, p: [mx.take_along_axis(ins[0], ins[1], axis=p[0])],
+    "Scatter": _scatter,
+    "MaskedScatter": _masked_scatter,
+    "GatherAxis": lambda ins, p: [mx.take_along_axis(ins[0], _indices(ins[1]), axis=p[0])],
     "ScatterAxis": _refuse_if(lambda p: p[0] != 1, "ScatterAxis with a sum")(  # ReduceType None = 1
-        lambda ins, p: [mx.put_along_axis(ins[0], ins[1], ins[2], axis=p[1])]),
+        lambda ins, p: [mx.put_along_axis(ins[0], _indices(ins[1]), ins[2], axis=p[1])]),
     # reductions, scans, sorting
     "Reduce": lambda ins, p: [_REDUCE[p[0]](ins[0], axis=list(p[1]), keepdims=True)],
     "ArgReduce": lambda ins, p: [(mx.argmin if p[0] == 0 else mx.argmax)(ins[0], axis=p[1], keepdims=True)],
@@ -306,6 +272,14 @@ PRIMITIVES: Dict[str, Callable] = {
     "QuantizedMatmul": _qmm,
     "Quantize": _quantize,
     "Hadamard": lambda ins, p: [mx.hadamard_transform(ins[0], scale=p[0])],
+    # mixture-of-experts matmuls (mx.gather_mm / mx.gather_qmm) and the fused loss
+    "GatherMM": _gather_mm,
+    "GatherQMM": _gather_qmm,
+    "CrossEntropy": _cross_entropy,
+    # backward halves of mx.fast ops (a traced function that takes a gradient, on a GPU)
+    "RMSNormVJP": _rms_norm_vjp,
+    "LayerNormVJP": _layer_norm_vjp,
+    "ScaledDotProductAttentionVJP": _sdpa_vjp,
     # creation and randomness (the key is an input: see trace.py, Replay)
     "Arange": _arange,
     "RandomBits": _random_bits,
