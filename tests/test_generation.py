@@ -143,7 +143,7 @@ def test_compiled_training_step_same_losses(compile):
 def test_decode_with_nothing_fused_below_runs_the_plain_forward(model):
     """Once every child of a split call is inert, later decode steps skip the split checks, same tokens."""
     want = greedy(model, "kv", 12)
-    fused = fuse(model, ALL)
+    fused = fuse(model, FusionConfig(min_tensor_size=0, enabled_patterns={"add+relu"}))  # nothing in llama
     assert greedy(fused, "kv", 12) == want
     splits = sum(fused._fusion.split.values())
     assert fused._fusion.plain_calls and splits < 12  # the shortcut took over after the first steps
