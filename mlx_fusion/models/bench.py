@@ -44,13 +44,19 @@ def model_variants(model: Callable) -> Dict[str, Callable]:
 
 
 def bench_model(model: Callable, inputs: Sequence[mx.array], backward: bool = True,
-                progress: Optional[Callable[[str], None]] = None, **timing) -> List[dict]:
+                progress: Optional[Callable[[str], None]] = None,
+                on_result: Optional[Callable[[dict], None]] = None, **timing) -> List[dict]:
     """Forward (and forward+backward) of a model: eager vs mx.compile vs fused vs fused+compile.
 
     Returns one dict per (pass, variant): ``pass``, ``variant``, ``time_ms``, ``speedup_vs_eager``,
     ``speedup_vs_compiled``, ``peak_memory_bytes``, ``activation_memory_bytes`` (peak minus the
     resident parameters and inputs), ``max_abs_diff`` (forward outputs vs eager; ``None`` for
     fwd+bwd), ``fusions`` (fused ops applied, fused variants only).
+
+    `progress` is called with a label before each row, `on_result` with each row as soon as
+    it is measured (eager is timed first in each pass, mx.compile second: a row's
+    ``speedup_vs_compiled`` is None until the pass's mx.compile row exists, then filled in
+    place).
     """
     timing = timing or default_timing()
     inputs = list(inputs)
@@ -86,8 +92,12 @@ def bench_model(model: Callable, inputs: Sequence[mx.array], backward: bool = Tr
             rows.append({"pass": pass_, "variant": name, "time_ms": t * 1e3,
                          "peak_memory_bytes": peak, "activation_memory_bytes": extra, "max_abs_diff": diff,
                          "fusions": stats.applied_count if stats is not None and name.startswith("fused") else None})
-        eager, compiled = rows[0]["time_ms"], rows[1]["time_ms"]
-        for r in rows:
-            r["speedup_vs_eager"], r["speedup_vs_compiled"] = eager / r["time_ms"], compiled / r["time_ms"]
-        results += rows
+            eager = rows[0]["time_ms"]
+            compiled = rows[1]["time_ms"] if len(rows) > 1 else None
+            for r in rows:
+                r["speedup_vs_eager"] = eager / r["time_ms"]
+                r["speedup_vs_compiled"] = None if compiled is None else compiled / r["time_ms"]
+            results.append(rows[-1])
+            if on_result:
+                on_result(rows[-1])
     return results
