@@ -68,7 +68,7 @@ def _check_mode_options(args) -> None:
     """Options of the other mode are an error, not silently ignored."""
     model = args.model is not None
     wrong = _OPS_ONLY if model else _MODEL_ONLY
-    given = [flag for dest, flag in wrong.items() if getattr(args, dest) not in (None, False)]
+    given = [flag for dest, flag in wrong.items() if getattr(args, dest) is not None and getattr(args, dest) is not False]
     if given:
         mode = "--model (a whole model)" if model else "op benchmarks (no --model)"
         raise UsageError(f"{', '.join(given)}: not used with {mode}; see `mlx-fusion bench --help`")
