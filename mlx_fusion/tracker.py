@@ -35,10 +35,7 @@ from .priors import prior_speedup
 
 __all__ = ["PerformanceTracker", "Speedup", "TrackerCacheWarning", "default_tracker", "reset_default_tracker",
            "price", "prior_speedup", "default_cache_path", "size_bucket", "case_for_pattern", "CACHE_FORMAT",
-           "CACHE_SCHEMA", "SOURCE_LABELS"]
-
-# How to show a price's source to a user: the model's number is an estimate, never a measurement.
-SOURCE_LABELS = {"measured": "measured here", "shipped": "shipped prior", "model": "model estimate"}
+           "CACHE_SCHEMA"]
 
 
 class _Price(NamedTuple):

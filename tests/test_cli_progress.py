@@ -68,7 +68,8 @@ def test_the_table_fits_the_terminal(capsys, monkeypatch, columns):
     assert "narrow terminal" in out and "add+relu" in out and "speedup" in out
 
 
-def test_sigint_keeps_valid_json_with_the_finished_rows(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_keeps_valid_json_with_the_finished_rows(tmp_path, sig):
     path = tmp_path / "partial.json"
     sizes = ",".join(str(4096 * k) for k in range(1, 41))  # 40 configurations: far more than we wait for
     env = {**os.environ, "MLX_FUSION_CACHE": str(tmp_path / "cache.json"), "PYTHONUNBUFFERED": "1"}
@@ -87,7 +88,7 @@ def test_sigint_keeps_valid_json_with_the_finished_rows(tmp_path):
         assert len(seen) == 2, "no progress lines on stderr"
         during = json.loads(path.read_text())  # valid while the run goes on
         assert during["complete"] is False and during["measured"] >= 1
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -3,8 +3,8 @@
 Never loses work: one progress line per finished configuration on stderr (a terminal or
 not), the `--json` file rewritten atomically after every row (valid JSON at every point,
 ``"complete": false`` until the end), the performance cache saved after every row, and on
-Ctrl-C (SIGINT) the rows measured so far are printed and written, then the command exits
-with 130. ``--json -`` prints the JSON on standard output (once, at the end or on Ctrl-C);
+Ctrl-C (SIGINT) or SIGTERM the rows measured so far are printed and written, then the
+command exits with 130. ``--json -`` prints the JSON on standard output (once, at the end or on Ctrl-C);
 the table and everything else then go to stderr.
 """
 
@@ -15,7 +15,7 @@ import math
 
 from ..perfcache import dtype_name
 from .common import (EXIT_INTERRUPTED, EXIT_OK, SPEC_HELP, ProgressLines, UsageError, check_writable, consoles, env,
-                     print_table, progress, set_device, speedup_text, spread_text, write_json)
+                     print_table, progress, set_device, sigterm_interrupts, speedup_text, spread_text, write_json)
 from .options import non_negative_int
 
 __all__ = ["add_parser", "cmd_bench", "OPS_DROP_ORDER", "MODEL_DROP_ORDER"]
@@ -127,7 +127,7 @@ def cmd_bench(args) -> int:
 
     interrupted = False
     try:
-        with progress(err) as bar:
+        with sigterm_interrupts(), progress(err) as bar:
             task = bar.add_task("starting", total=total)
             run_ops_benchmark(ops, dtypes, shapes, backward=args.backward, quick=args.quick,
                               progress=lambda label: bar.update(task, description=label),
@@ -218,7 +218,7 @@ def _bench_model(args) -> int:
 
     interrupted = False
     try:
-        with progress(err) as bar, fusion_config(**overrides):
+        with sigterm_interrupts(), progress(err) as bar, fusion_config(**overrides):
             task = bar.add_task("starting", total=total)
             if lm:
                 results = bench_lm(model, inputs[0], progress=step, **timing)

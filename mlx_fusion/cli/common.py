@@ -4,11 +4,13 @@ tables that fit the terminal and progress lines that also show off a terminal.""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -153,6 +155,24 @@ def print_table(out, table, drop: Sequence[str] = ()) -> None:
         out.print(f"(narrow terminal: columns {', '.join(dropped)} left out; --json has them)", markup=False)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt inside the block, so `kill PID` (or a CI timeout)
+    keeps what was measured like Ctrl-C does. A no-op off the main thread."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 class ProgressLines:
     """One line per finished step on stderr, on a terminal or not ("[3/12] ... 4.1 s"), so
     a long run piped to a file or a CI log is never silent."""
@@ -181,9 +201,31 @@ def speedup_text(x: Optional[float]) -> str:
     return f"[{color}]{x:.2f}x[/]" if color else f"{x:.2f}x"
 
 
+class _NoBar:
+    """`progress()` off a terminal: the progress lines say it all."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def update(self, *args, **kwargs):
+        pass
+
+    def advance(self, *args, **kwargs):
+        pass
+
+
 def progress(err):
+    """A transient rich progress bar on a terminal; a do-nothing stand-in elsewhere."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if not err.is_terminal:
+        return _NoBar()
     return Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=True)
 
