@@ -23,7 +23,8 @@ __all__ = ["add_parser", "cmd_bench", "OPS_DROP_ORDER", "MODEL_DROP_ORDER"]
 # Columns left out, in this order, while a table is wider than the terminal (docs/cli.md).
 OPS_DROP_ORDER = ("TFLOP/s", "% copy", "fused call", "GB/s", "vs eager", "vs compile", "eager", "mx.compile",
                   "pass", "dtype", "fused")
-MODEL_DROP_ORDER = ("over resident MiB", "peak MiB", "max |diff|", "fusions", "tokens/s", "vs eager")
+MODEL_DROP_ORDER = ("over resident MiB", "peak MiB", "max |diff|", "fusions", "tokens/s", "vs eager",
+                    "quartiles (ms)")
 
 # Options of one mode only: giving one in the other mode is a usage error (exit 2).
 _OPS_ONLY = {"ops": "--ops", "dtypes": "--dtypes", "sizes": "--sizes", "backward": "--backward",
@@ -245,8 +246,8 @@ def _print_model_table(out, spec: str, results, lm: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(f"{spec}: median time per call; peak memory of one call"))
-    columns = ["pass", "variant", "time (ms)"] + (["tokens/s"] if lm else []) + [
+    table = Table(title=Text(f"{spec}: median time per call (quartiles over repeats); peak memory of one call"))
+    columns = ["pass", "variant", "time (ms)", "quartiles (ms)"] + (["tokens/s"] if lm else []) + [
         "vs eager", "vs mx.compile", "peak MiB", "over resident MiB", "fusions", "max |diff|"]
     for col in columns:
         table.add_column(col, justify="left" if col in ("pass", "variant") else "right")
@@ -254,7 +255,8 @@ def _print_model_table(out, spec: str, results, lm: bool) -> None:
         tps = r.get("tokens_per_s")
         rate = ([f"{tps:.1f}" if tps is not None and math.isfinite(tps) else "-"]) if lm else []
         t = r["time_ms"]
-        table.add_row(r["pass"], r["variant"], f"{t:.3f}" if t is not None and math.isfinite(t) else "-", *rate,
+        table.add_row(r["pass"], r["variant"], f"{t:.3f}" if t is not None and math.isfinite(t) else "-",
+                      spread_text(r.get("time_ms_low"), r.get("time_ms_high"), 3), *rate,  # mlx-lm rows: "-"
                       speedup_text(r.get("speedup_vs_eager")), speedup_text(r.get("speedup_vs_compiled")),
                       _mib(r["peak_memory_bytes"]), _mib(r["activation_memory_bytes"]),
                       "-" if r["fusions"] is None else str(r["fusions"]),

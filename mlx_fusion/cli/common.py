@@ -187,11 +187,11 @@ class ProgressLines:
         self.err.file.flush()
 
 
-def spread_text(low: Optional[float], high: Optional[float]) -> str:
-    """"0.97-1.12": the quartiles of the per-repeat speedups."""
+def spread_text(low: Optional[float], high: Optional[float], digits: int = 2) -> str:
+    """"0.97-1.12": lower and upper quartile over the repeats; "-" when unknown."""
     if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
         return "-"
-    return f"{low:.2f}-{high:.2f}"
+    return f"{low:.{digits}f}-{high:.{digits}f}"
 
 
 def speedup_text(x: Optional[float]) -> str:

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..timing import default_timing, peak_memory, time_call
+from ..timing import default_timing, peak_memory, quartiles, time_samples
 
 __all__ = ["bench_model", "model_variants"]
 
@@ -48,7 +48,8 @@ def bench_model(model: Callable, inputs: Sequence[mx.array], backward: bool = Tr
                 on_result: Optional[Callable[[dict], None]] = None, **timing) -> List[dict]:
     """Forward (and forward+backward) of a model: eager vs mx.compile vs fused vs fused+compile.
 
-    Returns one dict per (pass, variant): ``pass``, ``variant``, ``time_ms``, ``speedup_vs_eager``,
+    Returns one dict per (pass, variant): ``pass``, ``variant``, ``time_ms`` (median over repeats;
+    ``time_ms_low``/``time_ms_high``: the quartiles), ``speedup_vs_eager``,
     ``speedup_vs_compiled``, ``peak_memory_bytes``, ``activation_memory_bytes`` (peak minus the
     resident parameters and inputs), ``max_abs_diff`` (forward outputs vs eager; ``None`` for
     fwd+bwd), ``fusions`` (fused ops applied, fused variants only).
@@ -81,7 +82,7 @@ def bench_model(model: Callable, inputs: Sequence[mx.array], backward: bool = Tr
         for name, fn in fns.items():
             if progress:
                 progress(f"{pass_} {name}")
-            t = time_call(fn, inputs, **timing)
+            low, t, high = quartiles(time_samples(fn, inputs, **timing))
             peak, extra = peak_memory(fn, inputs)
             diff = None
             if pass_ == "fwd":
@@ -90,6 +91,7 @@ def bench_model(model: Callable, inputs: Sequence[mx.array], backward: bool = Tr
                             for g, w in zip(got, want)), default=0.0)
             stats = getattr(forward[name], "fusion_stats", None) or getattr(forward[name], "stats", None)
             rows.append({"pass": pass_, "variant": name, "time_ms": t * 1e3,
+                         "time_ms_low": low * 1e3, "time_ms_high": high * 1e3,
                          "peak_memory_bytes": peak, "activation_memory_bytes": extra, "max_abs_diff": diff,
                          "fusions": stats.applied_count if stats is not None and name.startswith("fused") else None})
             eager = rows[0]["time_ms"]
