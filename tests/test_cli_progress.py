@@ -102,3 +102,22 @@ def test_an_interrupt_keeps_valid_json_with_the_finished_rows(tmp_path, sig):
     cache = json.loads((tmp_path / "cache.json").read_text())  # the cache kept the rows too
     assert len(cache["entries"]) >= 1
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_crash_leaves_the_rows_measured_before_it(capsys, monkeypatch, tmp_path):
+    import mlx_fusion.benchmark as benchmark
+
+    real, calls = benchmark.bench_case, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "bench_case", crash_on_second)
+    path = tmp_path / "crash.json"
+    with pytest.raises(RuntimeError, match="boom"):
+        main([*TINY, "--json", str(path)])
+    data = json.loads(path.read_text())
+    assert data["complete"] is False and data["measured"] == 1 and len(data["results"]) == 1
