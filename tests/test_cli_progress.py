@@ -121,3 +121,13 @@ def test_a_crash_leaves_the_rows_measured_before_it(capsys, monkeypatch, tmp_pat
         main([*TINY, "--json", str(path)])
     data = json.loads(path.read_text())
     assert data["complete"] is False and data["measured"] == 1 and len(data["results"]) == 1
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="the noise is Linux's (no libcoremlpython)")
+def test_importing_coremltools_is_quiet_off_macos():
+    pytest.importorskip("coremltools")
+    code = ("import logging; from mlx_fusion.coreml import require_coremltools; require_coremltools(); "
+            "assert logging.getLogger('coremltools').level == logging.NOTSET")  # restored afterwards
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Failed to load" not in proc.stderr and "PyTorch was not found" not in proc.stderr
