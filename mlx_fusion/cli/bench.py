@@ -81,9 +81,6 @@ def cmd_bench(args) -> int:
     set_device(args.device)
     if args.model is not None:
         return _bench_model(args)
-    from rich import box
-    from rich.table import Table
-
     from ..benchmark import bench_plan, copy_size, default_timing, run_ops_benchmark
     from ..tracker import PerformanceTracker
     from .options import parse_dtypes, parse_sizes, select_ops
@@ -135,7 +132,7 @@ def cmd_bench(args) -> int:
                               on_result=lambda r: (finished(r), bar.advance(task)), **timing)
     except KeyboardInterrupt:
         interrupted = True
-    _print_ops_table(out, results, Table, box)
+    _print_ops_table(out, results)
     copies = sorted({(copy_size(r.kind, r.shape), r.dtype, r.copy_gbps) for r in results})
     if copies:
         out.print("copy bandwidth (mx.negative, this run): "
@@ -150,7 +147,10 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
-def _print_ops_table(out, results, Table, box) -> None:
+def _print_ops_table(out, results) -> None:
+    from rich import box
+    from rich.table import Table
+
     table = Table(title="fused ops: median us per call; fused = as fuse() runs it, fused call = called eagerly; "
                         "speedup = fused vs the better of eager and mx.compile (quartiles over repeats); "
                         "verdict faster = lower quartile > 1",
