@@ -16,6 +16,7 @@ Used by benchmarks/ops.py, the `mlx-fusion bench` command and the tracker.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -26,7 +27,7 @@ from .ops.elementwise import fused_scalar, scalar_reference
 from .ops.registry import FUSED_OPS, OpCase
 from .perfcache import dtype_name
 from .patterns import ScalarActivation, ScalarOp
-from .timing import copy_bandwidth, default_timing, time_call  # noqa: F401  (re-exported)
+from .timing import copy_bandwidth, default_timing, quartiles, time_call, time_samples  # noqa: F401  (re-exported)
 
 __all__ = [
     "BenchResult",
@@ -62,6 +63,25 @@ class BenchResult:
     flops: float = 0.0
     copy_gbps: float = 0.0
     extra: Dict[str, float] = field(default_factory=dict)
+    # Per-repeat speedups (fused vs the better unfused variant of the same repeat): the
+    # noise the tracker weighs a decision against. Empty for results built by hand.
+    speedups: List[float] = field(default_factory=list)
+
+    @property
+    def speedup_spread(self) -> Tuple[float, float]:
+        """(lower, upper) quartile of the per-repeat speedups, widened to contain `speedup`
+        (a ratio of medians, not the median of the ratios); both `speedup` without repeats."""
+        if not self.speedups:
+            return self.speedup, self.speedup
+        q1, _, q3 = quartiles(self.speedups)
+        return min(q1, self.speedup), max(q3, self.speedup)
+
+    @property
+    def verdict(self) -> str:
+        """"faster" if even the lower quartile of the per-repeat speedups beats 1.0, "slower"
+        if even the upper quartile loses, else "noise": the rule the tracker decides by."""
+        low, high = self.speedup_spread
+        return "faster" if low > 1.0 else ("slower" if high < 1.0 else "noise")
 
     @property
     def speedup_vs_eager(self) -> float:
@@ -106,6 +126,9 @@ class BenchResult:
             fused_gbps=self.fused_gbps,
             pct_of_copy=self.pct_of_copy,
             fused_tflops=self.fused_tflops,
+            speedup_low=self.speedup_spread[0],
+            speedup_high=self.speedup_spread[1],
+            verdict=self.verdict,
         )
         return d
 
@@ -148,16 +171,18 @@ def bench_case(case: OpCase, shape: Tuple[int, ...], dtype=mx.float32, backward:
         args = args + [cot]
         eager, fused_call = _vjp_fn(eager), _vjp_fn(fused_call)
     compiled, fused = mx.compile(eager), mx.compile(fused_call)
-    res = BenchResult(
+    t_eager, t_compiled, t_fused = (time_samples(f, args, **timing) for f in (eager, compiled, fused))
+    med = statistics.median
+    return BenchResult(
         op=case.name, kind=case.kind, pass_="fwd+bwd" if backward else "fwd", shape=tuple(shape),
         dtype=dtype_name(dtype),
-        eager_us=time_call(eager, args, **timing) * 1e6,
-        compiled_us=time_call(compiled, args, **timing) * 1e6,
-        fused_us=time_call(fused, args, **timing) * 1e6,
+        eager_us=med(t_eager) * 1e6, compiled_us=med(t_compiled) * 1e6, fused_us=med(t_fused) * 1e6,
         bytes_moved=nbytes, flops=flops, copy_gbps=copy_gbps,
         extra={"fused_call_us": time_call(fused_call, args, **timing) * 1e6},
+        # repeat i of each variant paired by index: the ratios spread as much as the
+        # three variants' repeats do, which is the noise a decision must beat
+        speedups=[min(e, c) / f for e, c, f in zip(t_eager, t_compiled, t_fused)],
     )
-    return res
 
 
 def elementwise_shape(size: int) -> Tuple[int, int]:

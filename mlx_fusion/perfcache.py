@@ -4,7 +4,12 @@ One JSON file per MLX version (a new MLX changes the kernels fusion is compared
 against), under `$MLX_FUSION_CACHE` if set, else the user cache directory:
 
     {"format": "mlx-fusion-performance", "schema": 1, "mlx_version": "0.32.4",
-     "entries": {"<device>|<pattern>|<dtype>|<size bucket>": {"speedup": 1.7, ...}}}
+     "entries": {"<device>|<pattern>|<dtype>|<size bucket>":
+                 {"speedup": 1.7, "speedup_low": 1.5, "speedup_high": 1.8, "speedups": [...], ...}}}
+
+`speedup` is the median; `speedups` the per-repeat speedups and `speedup_low`/`_high`
+their quartiles (entries written before these existed have `speedup` only and read as
+noiseless: low = high = speedup).
 
 Reading never raises: an unreadable or foreign file is ignored and one malformed
 entry is dropped, each with a `TrackerCacheWarning`. Writers merge under an
@@ -32,7 +37,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 __all__ = ["CACHE_FORMAT", "CACHE_SCHEMA", "TrackerCacheWarning", "default_cache_path", "size_bucket",
-           "cache_key", "output_size", "dtype_name", "pattern_name", "entry_speedup", "read_entries",
+           "cache_key", "output_size", "dtype_name", "pattern_name", "entry_speedup", "entry_low", "read_entries",
            "write_entries"]
 
 CACHE_FORMAT = "mlx-fusion-performance"
@@ -95,6 +100,18 @@ def entry_speedup(entry) -> Optional[float]:
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
         return None
     return float(s)
+
+
+def entry_low(entry) -> Optional[float]:
+    """The lower quartile of the entry's per-repeat speedups (`speedup_low`); the speedup
+    itself for an entry without one (older caches, the shipped priors); None if malformed."""
+    s = entry_speedup(entry)
+    if s is None:
+        return None
+    low = entry.get("speedup_low")
+    if isinstance(low, bool) or not isinstance(low, (int, float)) or not math.isfinite(low) or low <= 0:
+        return s
+    return float(min(low, s))
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import mlx.core as mx
 
 from .device import on_gpu
 
-__all__ = ["time_call", "default_timing", "copy_bandwidth", "peak_memory"]
+__all__ = ["time_call", "time_samples", "default_timing", "copy_bandwidth", "peak_memory", "quartiles"]
 
 
 def time_call(fn: Callable, args: Sequence, calls_per_eval: int = 10, repeats: int = 15,
               warmup: int = 2, min_time_s: float = 0.0) -> float:
     """Median seconds per call of fn(*args), evaluating `calls_per_eval` calls at once."""
+    return statistics.median(time_samples(fn, args, calls_per_eval, repeats, warmup, min_time_s))
+
+
+def time_samples(fn: Callable, args: Sequence, calls_per_eval: int = 10, repeats: int = 15,
+                 warmup: int = 2, min_time_s: float = 0.0) -> List[float]:
+    """Seconds per call of fn(*args) for each repeat (at least 3 unless `repeats` is smaller;
+    `min_time_s` stops early once spent): what `time_call` takes the median of."""
     mx.eval(*[a for a in args if isinstance(a, mx.array)])
     for _ in range(warmup):
         mx.eval(fn(*args))
@@ -33,7 +40,17 @@ def time_call(fn: Callable, args: Sequence, calls_per_eval: int = 10, repeats: i
         times.append((time.perf_counter() - t0) / calls_per_eval)
         if min_time_s and time.perf_counter() - start > min_time_s and len(times) >= 3:
             break
-    return statistics.median(times)
+    return times
+
+
+def quartiles(samples: Sequence[float]) -> Tuple[float, float, float]:
+    """(lower quartile, median, upper quartile) of `samples` (inclusive method: with one
+    sample all three are that sample)."""
+    xs = sorted(samples)
+    if len(xs) < 2:
+        return (xs[0],) * 3
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def default_timing(quick: bool = False) -> dict:

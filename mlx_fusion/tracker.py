@@ -18,6 +18,7 @@ The file format, where it lives, and how it is read and written safely are
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import warnings
@@ -29,7 +30,7 @@ import mlx.core as mx
 from .device import device_id
 from .patterns import ScalarActivation, ScalarOp
 from .perfcache import (CACHE_FORMAT, CACHE_SCHEMA, TrackerCacheWarning, cache_key, default_cache_path,  # noqa: F401
-                        entry_speedup, output_size, read_entries, size_bucket, write_entries)
+                        entry_low, entry_speedup, output_size, read_entries, size_bucket, write_entries)
 from .priors import prior_speedup
 
 __all__ = ["PerformanceTracker", "Speedup", "TrackerCacheWarning", "default_tracker", "reset_default_tracker",
@@ -37,12 +38,31 @@ __all__ = ["PerformanceTracker", "Speedup", "TrackerCacheWarning", "default_trac
            "CACHE_SCHEMA"]
 
 
-class Speedup(NamedTuple):
-    """A price: the speedup and where it came from, "measured" (this machine's cache) or
-    "shipped" (the priors). A tuple, so the optimizer can unpack ``speedup, source``."""
-
+class _Price(NamedTuple):
     speedup: float
     source: str
+
+
+class Speedup(_Price):
+    """A price: the speedup to decide by and where it came from, "measured" (this machine's
+    cache) or "shipped" (the priors). A 2-tuple, so the optimizer can unpack ``speedup, source``;
+    `median`, `low` and `high` (quartiles of the per-repeat speedups) say how noisy it is:
+    ``noisy`` is a median win whose lower quartile does not beat 1.0 (priced at `low`)."""
+
+    def __new__(cls, speedup: float, source: str, median: Optional[float] = None, low: Optional[float] = None,
+                high: Optional[float] = None):
+        self = super().__new__(cls, speedup, source)
+        self.median = speedup if median is None else median
+        self.low = self.median if low is None else low
+        self.high = self.median if high is None else high
+        return self
+
+    @property
+    def noisy(self) -> bool:
+        return self.median > 1.0 >= self.low
+
+    def __reduce__(self):
+        return (Speedup, (self.speedup, self.source, self.median, self.low, self.high))
 
 
 def case_for_pattern(pattern):
@@ -84,10 +104,24 @@ class PerformanceTracker:
         return self._entries
 
     def lookup(self, pattern, dtype, size: int, device: str) -> Optional[float]:
-        """Measured speedup of `pattern` (fused vs the best unfused) near `size` output
+        """Measured (median) speedup of `pattern` (fused vs the best unfused) near `size` output
         elements on `device` ("metal"/"cuda"/"cpu"), or None if never measured. The exact
         size bucket wins; else the mean of its two neighbours (a factor of 4 either way)
         that were measured."""
+        found = self.measurement(pattern, dtype, size, device)
+        return None if found is None else found.median
+
+    def measurement(self, pattern, dtype, size: int, device: str) -> Optional[Speedup]:
+        """What `lookup` finds, with its noise: a `Speedup` priced by the rule in the module
+        docstring (the median if the lower quartile beats 1.0, else the lower quartile)."""
+        found = self._find(pattern, dtype, size, device)
+        if found is None:
+            return None
+        median, low, high = found
+        return Speedup(median if low > 1.0 else min(low, 1.0), "measured", median, low, high)
+
+    def _find(self, pattern, dtype, size: int, device: str) -> Optional[Tuple[float, float, float]]:
+        """(median, lower, upper quartile) of the entry (or mean of its neighbours) for `pattern`."""
         entries = self.entries
         if not entries:
             return None
@@ -98,20 +132,21 @@ class PerformanceTracker:
             names.append(ScalarActivation(ScalarOp.AFFINE, pattern.activation))
         for name in names:
             hit = entries.get(cache_key(dev, name, dtype, b))
-            if hit is not None:
-                return entry_speedup(hit)
-            near = [entry_speedup(entries[k]) for k in (cache_key(dev, name, dtype, b - 1),
-                                                        cache_key(dev, name, dtype, b + 1)) if k in entries]
+            near = [hit] if hit is not None else [
+                entries[k] for k in (cache_key(dev, name, dtype, b - 1), cache_key(dev, name, dtype, b + 1))
+                if k in entries]
             if near:
-                return sum(near) / len(near)
+                mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+                return (mean([entry_speedup(e) for e in near]), mean([entry_low(e) for e in near]),
+                        mean([_entry_high(e) for e in near]))
         return None
 
     def price(self, pattern, dtype, size: int, device: str) -> Optional[Speedup]:
-        """What the optimizer prices a match with: `Speedup(lookup(...), "measured")`, else
-        `Speedup(prior_speedup(...), "shipped")`, else None."""
-        measured = self.lookup(pattern, dtype, size, device)
+        """What the optimizer prices a match with: `measurement(...)` (source "measured",
+        noise-aware), else `Speedup(prior_speedup(...), "shipped")`, else None."""
+        measured = self.measurement(pattern, dtype, size, device)
         if measured is not None:
-            return Speedup(measured, "measured")
+            return measured
         shipped = prior_speedup(pattern, dtype, size, device)
         return None if shipped is None else Speedup(shipped, "shipped")
 
@@ -141,6 +176,9 @@ class PerformanceTracker:
             "size": output_size(case.kind, result.shape), "shape": list(result.shape),
             "fused_gbps": result.fused_gbps, "copy_gbps": result.copy_gbps, "timestamp": time.time(),
         }
+        if result.speedups:  # the noise a decision from this entry must beat
+            low, high = result.speedup_spread
+            entry.update(speedup_low=low, speedup_high=high, speedups=[round(x, 4) for x in result.speedups])
         if entry_speedup(entry) is None:
             return ""
         key = cache_key(device or device_id(), case.pattern, result.dtype, size_bucket(entry["size"]))
@@ -201,6 +239,12 @@ class PerformanceTracker:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _entry_high(entry) -> float:
+    s, high = entry_speedup(entry), entry.get("speedup_high")
+    ok = isinstance(high, (int, float)) and not isinstance(high, bool) and math.isfinite(high)
+    return float(max(high, s)) if ok else s
 
 
 _default: Optional[PerformanceTracker] = None

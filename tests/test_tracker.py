@@ -372,3 +372,51 @@ def test_graph_imports_neither_tracker_nor_benchmark():
         text = path.read_text()
         for mod in ("tracker", "benchmark"):
             assert f"from ..{mod} import" not in text and f"mlx_fusion.{mod}" not in text, f"{path} imports {mod}"
+
+
+# -- noise (issue 13): a decision needs the win to beat the spread of the repeats ---------------------
+def noisy_result(speedups, op="mul+gelu", median=None):
+    fused = 4.0
+    r = fake_result(op=op, shape=(4, 256), eager=fused * (median or sorted(speedups)[len(speedups) // 2]),
+                    compiled=100.0, fused=fused)
+    r.speedups = list(speedups)
+    return r
+
+
+def test_a_win_within_the_noise_is_not_taken():
+    res = noisy_result([0.8, 0.95, 1.3, 1.4, 1.5])  # median 1.3, lower quartile 0.95
+    assert res.verdict == "noise" and res.speedup == pytest.approx(1.3)
+    default_tracker().record(res, device=CPU)
+    p = price(BinaryActivation(BinaryOp.MUL, Activation.GELU), mx.float32, 4 * 256, "cpu")
+    assert p.source == "measured" and p.noisy and p.speedup < 1.0 and p.median == pytest.approx(1.3)
+    assert "mul+gelu" not in detect()  # the optimizer rejects the noisy win
+    assert default_tracker().lookup(BinaryActivation(BinaryOp.MUL, Activation.GELU), mx.float32, 4 * 256,
+                                    "cpu") == pytest.approx(1.3)  # lookup still reports the median
+
+
+def test_a_win_beyond_the_noise_is_taken_at_its_median():
+    res = noisy_result([1.2, 1.25, 1.3, 1.35, 1.4])
+    assert res.verdict == "faster"
+    default_tracker().record(res, device=CPU)
+    assert saved_entry()["speedups"] == [1.2, 1.25, 1.3, 1.35, 1.4]
+    found = detect()
+    assert found["mul+gelu"].source == "measured"
+    assert found["mul+gelu"].estimated_speedup == pytest.approx(1.3)
+
+
+def saved_entry():
+    """The mul+gelu entry as a new process reads it back from the file."""
+    t = default_tracker()
+    assert t.save()
+    reset_default_tracker()
+    (entry,) = [v for k, v in default_tracker().entries.items() if "|mul+gelu|" in k]
+    return entry
+
+
+def test_entries_without_spread_and_malformed_spreads_read_as_noiseless(private_cache):
+    from mlx_fusion.perfcache import entry_low
+
+    assert entry_low({"speedup": 1.2}) == 1.2  # older caches, the shipped priors
+    assert entry_low({"speedup": 1.2, "speedup_low": "x"}) == 1.2
+    assert entry_low({"speedup": 1.2, "speedup_low": 0.9}) == 0.9
+    assert entry_low({"speedup": None}) is None

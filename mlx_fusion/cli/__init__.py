@@ -5,11 +5,12 @@
     mlx-fusion inspect transformer:dim=256 --dot graph.dot
 
 Exit codes: 0 success; 1 unexpected failure; 2 bad command line (argparse, a negative
-count, unknown op, dtype, size or device, an output path that cannot be written);
+count, unknown op, dtype, size or device, a bench option of the other mode, an output
+path that cannot be written);
 3 bad model SPEC (syntax, unknown demo model, option or value); 4 model file or factory
 that cannot be loaded (missing file, import error, missing factory, wrong return type);
 5 coremltools missing (coreml); 6 model that cannot be traced (inspect, coreml);
-130 interrupted.
+130 interrupted (bench keeps and writes what it measured).
 See docs/cli.md.
 """
 

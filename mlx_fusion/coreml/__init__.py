@@ -12,8 +12,11 @@ See docs/neural-engine.md.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import logging
+import os
 import sys
 
 __all__ = ["INSTALL_HINT", "CoreMLUnavailable", "coremltools_available", "require_coremltools",
@@ -33,10 +36,39 @@ def coremltools_available() -> bool:
     return importlib.util.find_spec("coremltools") is not None
 
 
+@contextlib.contextmanager
+def _quiet_import():
+    """Silence what importing coremltools logs but never matters to us: off macOS, one
+    "Failed to load _MLModelProxy: No module named 'coremltools.libcoremlpython'" line per
+    Core ML proxy (prediction needs macOS; we say so ourselves), and transformers' "PyTorch
+    was not found" advice when coremltools probes its optional dependencies."""
+    if "coremltools" in sys.modules:
+        yield
+        return
+    quiet = sys.platform != "darwin"
+    log = logging.getLogger("coremltools")
+    level = log.level
+    verbosity = os.environ.get("TRANSFORMERS_VERBOSITY")
+    had_transformers = "transformers" in sys.modules
+    if quiet:
+        log.setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if verbosity is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+            if not had_transformers and "transformers" in sys.modules:  # first imported here: back to its default
+                with contextlib.suppress(Exception):
+                    sys.modules["transformers"].logging.set_verbosity_warning()
+
+
 def require_coremltools():
     """Import and return coremltools, or raise `CoreMLUnavailable` saying how to install it."""
     try:
-        return importlib.import_module("coremltools")
+        with _quiet_import():
+            return importlib.import_module("coremltools")
     except ImportError as e:
         raise CoreMLUnavailable(
             f"Neural Engine offload and `mlx-fusion coreml` need coremltools ({e}). "

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..timing import default_timing, peak_memory, time_call
+from ..timing import default_timing, peak_memory, quartiles, time_samples
 
 __all__ = ["bench_model", "model_variants"]
 
@@ -44,13 +44,20 @@ def model_variants(model: Callable) -> Dict[str, Callable]:
 
 
 def bench_model(model: Callable, inputs: Sequence[mx.array], backward: bool = True,
-                progress: Optional[Callable[[str], None]] = None, **timing) -> List[dict]:
+                progress: Optional[Callable[[str], None]] = None,
+                on_result: Optional[Callable[[dict], None]] = None, **timing) -> List[dict]:
     """Forward (and forward+backward) of a model: eager vs mx.compile vs fused vs fused+compile.
 
-    Returns one dict per (pass, variant): ``pass``, ``variant``, ``time_ms``, ``speedup_vs_eager``,
+    Returns one dict per (pass, variant): ``pass``, ``variant``, ``time_ms`` (median over repeats;
+    ``time_ms_low``/``time_ms_high``: the quartiles), ``speedup_vs_eager``,
     ``speedup_vs_compiled``, ``peak_memory_bytes``, ``activation_memory_bytes`` (peak minus the
     resident parameters and inputs), ``max_abs_diff`` (forward outputs vs eager; ``None`` for
     fwd+bwd), ``fusions`` (fused ops applied, fused variants only).
+
+    `progress` is called with a label before each row, `on_result` with each row as soon as
+    it is measured (eager is timed first in each pass, mx.compile second: a row's
+    ``speedup_vs_compiled`` is None until the pass's mx.compile row exists, then filled in
+    place).
     """
     timing = timing or default_timing()
     inputs = list(inputs)
@@ -75,7 +82,7 @@ def bench_model(model: Callable, inputs: Sequence[mx.array], backward: bool = Tr
         for name, fn in fns.items():
             if progress:
                 progress(f"{pass_} {name}")
-            t = time_call(fn, inputs, **timing)
+            low, t, high = quartiles(time_samples(fn, inputs, **timing))
             peak, extra = peak_memory(fn, inputs)
             diff = None
             if pass_ == "fwd":
@@ -84,10 +91,15 @@ def bench_model(model: Callable, inputs: Sequence[mx.array], backward: bool = Tr
                             for g, w in zip(got, want)), default=0.0)
             stats = getattr(forward[name], "fusion_stats", None) or getattr(forward[name], "stats", None)
             rows.append({"pass": pass_, "variant": name, "time_ms": t * 1e3,
+                         "time_ms_low": low * 1e3, "time_ms_high": high * 1e3,
                          "peak_memory_bytes": peak, "activation_memory_bytes": extra, "max_abs_diff": diff,
                          "fusions": stats.applied_count if stats is not None and name.startswith("fused") else None})
-        eager, compiled = rows[0]["time_ms"], rows[1]["time_ms"]
-        for r in rows:
-            r["speedup_vs_eager"], r["speedup_vs_compiled"] = eager / r["time_ms"], compiled / r["time_ms"]
-        results += rows
+            eager = rows[0]["time_ms"]
+            compiled = rows[1]["time_ms"] if len(rows) > 1 else None
+            for r in rows:
+                r["speedup_vs_eager"] = eager / r["time_ms"]
+                r["speedup_vs_compiled"] = None if compiled is None else compiled / r["time_ms"]
+            results.append(rows[-1])
+            if on_result:
+                on_result(rows[-1])
     return results
