@@ -52,11 +52,26 @@ __all__ = [
 
 
 class TraceError(RuntimeError):
-    """A function could not be captured as a graph; `reason` says why."""
+    """A function could not be captured as a graph; `reason` says why, `where` (or None) the
+    user's source line that failed (``"model.py:12: n = x.sum().item()"``)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, where: Optional[str] = None):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.where = reason, where
+
+
+def _user_line(tb) -> Optional[str]:
+    """The innermost frame of `tb` outside mlx_fusion and MLX itself, as ``file:line: code``."""
+    import os
+    import traceback
+
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mlx_dir = os.path.dirname(os.path.dirname(os.path.abspath(nn.__file__)))
+    for f in reversed(traceback.extract_tb(tb)):
+        name = os.path.abspath(f.filename)
+        if not name.startswith((ours + os.sep, mlx_dir + os.sep)):
+            return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+    return None
 
 
 def module_parameters(module: nn.Module) -> Tuple[List[str], List[mx.array]]:
@@ -109,7 +124,7 @@ def _export(flat_fn: Callable, flat_inputs: List[mx.array]) -> List[dict]:
         if "CustomTransforms" in str(e):
             hint = (" (an mx.custom_function or mx.checkpoint inside: nn.utils.checkpoint, an mlx_fusion op,"
                     " a custom vjp)")
-        raise TraceError(f"{type(e).__name__}: {e}{hint}") from e
+        raise TraceError(f"{type(e).__name__}: {e}{hint}", _user_line(e.__traceback__)) from e
     finally:
         if enabled:
             mx.enable_compile()
