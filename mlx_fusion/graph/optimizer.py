@@ -83,7 +83,7 @@ class Decision:
     """What the optimizer decided about one candidate match (`FusionOptimizer.decisions`).
 
     pattern: its name; node_ids / ops: the nodes it would replace (last = root); module:
-    the deepest module path holding all of them ("layers.0.mlp", "" for the top); fused:
+    the deepest module path among them ("layers.0.mlp.gate_proj", "" for the top); fused:
     applied or not; reason: why, in words; speedup / source: the price it was given
     ("measured", "shipped" or "model"), None when it was rejected before pricing."""
 
@@ -101,14 +101,10 @@ class Decision:
         return {**asdict(self), "decision": "fused" if self.fused else "rejected"}
 
 
-def _common_module(nodes: List[Node]) -> str:
-    paths = [n.module.split(".") if n.module else [] for n in nodes]
-    common = []
-    for parts in zip(*paths):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    return ".".join(common)
+def _match_module(nodes: List[Node]) -> str:
+    """The deepest module among a match's nodes: linear+relu is reported where its matmul ran
+    (``layers.0``), not where the activation was applied (the parent)."""
+    return max((n.module for n in nodes), key=lambda p: p.count(".") + bool(p), default="")
 
 
 @dataclass
@@ -235,7 +231,7 @@ class FusionOptimizer:
 
     @staticmethod
     def _decision(m: Match, fused: bool, reason: str, speedup=None, source=None) -> Decision:
-        return Decision(m.pattern.name, m.node_ids, [n.op for n in m.nodes], _common_module(m.nodes), fused, reason,
+        return Decision(m.pattern.name, m.node_ids, [n.op for n in m.nodes], _match_module(m.nodes), fused, reason,
                         speedup, source, str(m.output))
 
     def _feeds_only_elementwise(self, ctx: MatchContext, m: Match) -> bool:
