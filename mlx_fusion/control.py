@@ -51,6 +51,10 @@ def _entries(entries, what: str) -> tuple:
     return out
 
 
+def _join(*parts: str) -> str:
+    return ".".join(x for x in parts if x)
+
+
 def _ancestors(path: str) -> List[str]:
     """"layers.0.mlp" -> ["layers", "layers.0", "layers.0.mlp"]."""
     parts = path.split(".") if path else []
@@ -61,8 +65,8 @@ class ModuleFilter:
     """`fuse(exclude=..., include=...)`: entries are module paths as ``named_modules()`` spells
     them, with ``fnmatch`` globs (``"layers.*.mlp"``), or ``nn.Module`` subclasses. A path
     entry covers the module and everything below it. A match is excluded when any of its
-    nodes comes from an excluded module, or (with `include`) from a module outside every
-    included one.
+    nodes comes from an excluded module, or (with `include`) when none of its nodes comes
+    from an included one.
     """
 
     def __init__(self, exclude: Optional[Iterable] = (), include: Optional[Iterable] = None, prefix: str = ""):
@@ -88,18 +92,20 @@ class ModuleFilter:
             return None if hit is None else ".".join(x for x in (self.prefix, hit) if x)
 
         def scope(paths: Sequence[str]) -> Optional[str]:
+            included = self.include is None
             for path in dict.fromkeys(paths):
-                local = _ancestors(path)
                 chain = _ancestors(".".join(x for x in (self.prefix, path) if x))
-                chain_t = [""] + local  # types are looked up in the trace's own (relative) paths
+                chain_t = [""] + _ancestors(path)  # types are looked up in the trace's own (relative) paths
                 for e in self.exclude:
                     hit = hits(e, chain if isinstance(e, str) else chain_t)
                     if hit is not None:
                         name = e if isinstance(e, str) else e.__name__
                         return f"excluded by module: {hit or '(top)'} matches exclude {name!r}"
-                if self.include is not None and not any(
-                        hits(e, chain if isinstance(e, str) else chain_t) is not None for e in self.include):
-                    return f"excluded by module: {path or '(top)'} is not in include"
+                included = included or any(hits(e, chain if isinstance(e, str) else chain_t) is not None
+                                           for e in self.include)
+            if not included:
+                where = max(paths, key=lambda p: p.count(".") + bool(p), default="")
+                return f"excluded by module: {_join(self.prefix, where) or '(top)'} is not in include"
             return None
 
         return scope
