@@ -148,6 +148,11 @@ def report_of(fused) -> ExplainReport:
     return report
 
 
+def report_of_graph(name: str, before, after, optimizer) -> ExplainReport:
+    """The report of one optimizer pass (`optimizer.decisions`) over `before`, rewritten as `after`."""
+    return ExplainReport(name, list(optimizer.decisions), [], 1, len(before), len(after), optimizer.skipped)
+
+
 def explain(fn_or_module, *example_args, config=None, compile: bool = True, exclude=(), include=None,
             **example_kwargs) -> ExplainReport:
     """Why `fuse` fuses (or does not fuse) each candidate in `fn_or_module`.

@@ -138,3 +138,41 @@ def test_rich_rendering():
     console.print(report)
     text = console.export_text()
     assert "linear+bias+relu" in text and "layers.0" in text and "fused" in text
+
+
+# -- mlx-fusion inspect: the same report ------------------------------------------------------------------
+def run_cli(capsys, *argv):
+    from mlx_fusion.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_rows_have_module_paths_and_json_has_the_report(capsys, tmp_path):
+    js = tmp_path / "i.json"
+    code, out, err = run_cli(capsys, "inspect", "mlp:width=64", "--min-size", "0", "--json", str(js))
+    assert code == 0, err
+    assert "layers.0" in out and "layers.1" in out and "%2:AddMM" not in out and "fused" in out
+    data = json.loads(js.read_text())
+    assert [(c["pattern"], c["module"], c["decision"]) for c in data["explain"]["candidates"]] == [
+        ("linear+bias+relu", "layers.0", "fused"), ("linear+bias+relu", "layers.1", "fused")]
+    assert [o["module"] for o in data["opportunities"]] == ["layers.0", "layers.1"]
+
+
+def test_inspect_draws_large_graphs_per_module(capsys, tmp_path):
+    dot = tmp_path / "g.dot"
+    code, _, err = run_cli(capsys, "inspect", "transformer", "--dot", str(dot))
+    assert code == 0, err
+    text = dot.read_text()
+    assert "collapsed per module" in text and '"blocks.0.rope\\n' in text and text.count("{") == text.count("}")
+    assert len(text.splitlines()) < 200  # a box per module (230 nodes per graph drawn one by one: ~1000 lines)
+
+
+def test_inspect_png_without_graphviz_is_a_usage_error(capsys, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code, out, err = run_cli(capsys, "inspect", "mlp", "--dot", str(tmp_path / "g.png"))
+    assert code == 2 and out == "" and "needs Graphviz's `dot`" in err
+    assert not (tmp_path / "g.png").exists()
