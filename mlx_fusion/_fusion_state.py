@@ -189,7 +189,7 @@ class _FusionState:
                 self._retrace_warned = True
                 warnings.warn(f"mlx_fusion: {self.name} was traced {self.traces} times, {change} "
                               f"(dynamic shapes: each new shape traces again, and {CACHE_SIZE} traces are kept); "
-                              "pad inputs to a few sizes or exclude the module", FusionRetraceWarning, stacklevel=5)
+                              "pad inputs to a few sizes or exclude the module", FusionRetraceWarning, stacklevel=4)
         self._last_inputs = sig
 
     def _build(self, make_graph, cfg, params=(), training=False) -> _Entry:
