@@ -229,6 +229,9 @@ class _FusionState:
             # Core ML blocks read their inputs as NumPy, which mx.compile forbids.
             replay = plan(graph, compile=self.compile and not offloaded)
         except UnsupportedPrimitive as e:
+            for d in stats.decisions:  # the same objects the merged stats hold: explain shows why
+                if d.fused:
+                    d.fused, d.reason = False, f"not applied: the call runs unfused ({e})"
             return self.fall_back(str(e))
         self.fused += 1
         entry = _Entry(replay, graph.meta["out_skeleton"])

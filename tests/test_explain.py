@@ -37,6 +37,13 @@ def test_mlp_fused_with_module_paths_and_model_source():
     assert report.nodes_after < report.nodes_traced
 
 
+def test_gelu_mlp_demo():
+    model, x = MLP(width=64, depth=1, activation=nn.gelu), mx.zeros((8, 64))
+    with fusion_config(min_tensor_size=0):
+        (d,) = mlx_fusion.explain(model, x).candidates
+    assert (d.pattern, d.module, d.fused, d.ops[0]) == ("linear+bias+gelu", "layers.0", True, "AddMM")
+
+
 def test_small_outputs_are_rejected_below_min_tensor_size():
     model, x = MLP(width=64, depth=2), mx.zeros((8, 64))
     report = mlx_fusion.explain(model, x)
@@ -176,3 +183,19 @@ def test_inspect_png_without_graphviz_is_a_usage_error(capsys, tmp_path, monkeyp
     code, out, err = run_cli(capsys, "inspect", "mlp", "--dot", str(tmp_path / "g.png"))
     assert code == 2 and out == "" and "needs Graphviz's `dot`" in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_unsupported_primitive_marks_the_fusions_not_applied(monkeypatch):
+    from mlx_fusion import _fusion_state
+    from mlx_fusion.graph.interpreter import UnsupportedPrimitive
+
+    def refuse(graph, compile=True):
+        raise UnsupportedPrimitive("Foo", "no replay entry")
+
+    monkeypatch.setattr(_fusion_state, "plan", refuse)
+    with fusion_config(min_tensor_size=0):
+        report = mlx_fusion.explain(MLP(width=64, depth=1), mx.zeros((8, 64)))
+    (d,) = report.candidates
+    assert not d.fused and d.reason == "not applied: the call runs unfused (unsupported primitive Foo: no replay entry)"
+    (fb,) = report.fallbacks
+    assert fb.reason == "unsupported primitive Foo: no replay entry" and not fb.split

@@ -92,8 +92,12 @@ class CallRecorder:
             saved = []
             try:
                 for cls, call in resolved.items():
-                    saved.append((cls, cls.__dict__.get("__call__", _MISSING)))
-                    cls.__call__ = self._wrap(call)
+                    old = cls.__dict__.get("__call__", _MISSING)
+                    try:
+                        cls.__call__ = self._wrap(call)
+                    except (TypeError, AttributeError):  # a class that cannot be patched: its nodes go to the caller
+                        continue
+                    saved.append((cls, old))
                 yield self
             finally:
                 for cls, old in reversed(saved):
