@@ -30,6 +30,8 @@ __all__ = ["FusionFallbackWarning", "FusionRetraceWarning", "REGISTRY", "optimiz
 # Traces kept per fused object, least recently used dropped first. Each holds a
 # rewritten graph and, replayed under mx.compile, a compiled function.
 CACHE_SIZE = 64
+# Candidate decisions kept per fused object (explain, `stats.decisions`), newest last.
+MAX_DECISIONS = 4096
 # A fused object traced this many times for new input shapes warns once (dynamic shapes).
 RETRACE_WARN_AFTER = 8
 
@@ -219,6 +221,7 @@ class _FusionState:
         if len(self.graphs) > CACHE_SIZE:
             del self.graphs[0]
         self.stats.merge(stats)
+        del self.stats.decisions[:-MAX_DECISIONS]  # dynamic shapes: keep the recent traces' only
         _log_decisions(self.name, stats)
         if stats.applied_count == 0 and not offloaded:
             # Nothing fused: the original code is at least as fast as any replay of it.

@@ -139,3 +139,21 @@ def test_log_env_var_prints_on_stderr(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "mlx_fusion.fallbacks:" in r.stderr and "could not trace" in r.stderr
     assert "user.py:2: f = mlx_fusion.fuse(lambda x: x.sum().item()" in r.stderr  # the line that failed
+
+
+def test_exclude_reaches_the_children_of_a_split_call():
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import make_prompt_cache
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                           num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=100, num_key_value_heads=2)
+    mx.random.seed(0)
+    model, x = llama.Model(args), mx.array([[1, 2, 3, 4]])
+    with fusion_config(min_tensor_size=0):  # a cache argument: the model runs split, its MLPs traced alone
+        report = mlx_fusion.explain(model, x, cache=make_prompt_cache(model), compile=False,
+                                    exclude=["model.layers.1"])
+    got = {d.module: (d.fused, d.reason) for d in report.candidates}
+    assert got["model.layers.0.mlp.gate_proj"][0]
+    assert got["model.layers.1.mlp.gate_proj"] == (
+        False, "excluded by module: model.layers.1 matches exclude 'model.layers.1'")
+    assert all(f.split for f in report.fallbacks)
