@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (EXIT_OK, EXIT_TRACE, SPEC_HELP, bytes_text, check_writable, consoles, env, error, print_table,
-                     set_device, write_json, write_text)
+                     set_device, write_json)
 from .options import non_negative_int
 
 from .dot import graphs_to_dot, render_check, write_dot
