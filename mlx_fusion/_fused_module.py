@@ -93,7 +93,8 @@ class FusedModule:
         key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
                signature(leaves))
         loose = None if type(structure) is int else (lambda: key[:3] + (_loose(args, kwargs),) + key[4:])
-        entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose)
+        entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose,
+                            leaves)
         if entry.fallback is None:
             if entry.direct:
                 return _direct(self, state, forward, entry, params, args, kwargs)
@@ -128,7 +129,7 @@ class FusedModule:
         base = type(self).__bases__[1]
         f = self._fusion
         attrs = {k: v for k, v in self.__dict__.items() if k != "_fusion"}
-        return _rebuild, (base, f.name, f._config, f.compile), attrs, None, iter(dict.items(self))
+        return _rebuild, (base, f.name, f._config, f.compile, f.filter), attrs, None, iter(dict.items(self))
 
 
 def _loose(args, kwargs):
@@ -214,6 +215,7 @@ def _split(module, state: _FusionState, forward, reason: str, args, kwargs):
             kid = state.kids.get(id(child))
             if kid is None or kid[0] is not child or kid[1] is not cls:
                 cs = _FusionState(f"{state.name}.{path}", state._config, state.compile, split_reasons=_SPLIT_REASONS)
+                cs.filter = state.filter.child(path)
                 kid = state.kids[id(child)] = (child, cls, fused_class(cls), cs)
             elif _inert(kid[3]):
                 continue
@@ -262,9 +264,12 @@ class _Origin:
         self._snap()
 
 
-def _rebuild(base: type, name: str, config, compile: bool) -> nn.Module:
+def _rebuild(base: type, name: str, config, compile: bool, filter=None) -> nn.Module:
     obj = fused_class(base).__new__(fused_class(base))
-    object.__setattr__(obj, "_fusion", _FusionState(name, config, compile, split_reasons=_SPLIT_REASONS))
+    state = _FusionState(name, config, compile, split_reasons=_SPLIT_REASONS)
+    if filter is not None:
+        state.filter = filter
+    object.__setattr__(obj, "_fusion", state)
     return obj
 
 
@@ -273,7 +278,7 @@ def fused_class(cls: type) -> type:
     return type(f"Fused{cls.__name__}", (FusedModule, cls), {"__module__": cls.__module__})
 
 
-def fuse_module(module: nn.Module, config, compile: bool) -> nn.Module:
+def fuse_module(module: nn.Module, config, compile: bool, filter=None) -> nn.Module:
     cls = fused_class(type(module))
     fused = cls.__new__(cls)  # no __init__: the state is copied below
     fused.__dict__.update(module.__dict__)
@@ -281,6 +286,8 @@ def fuse_module(module: nn.Module, config, compile: bool) -> nn.Module:
     dict.update(fused, module)
     state = _FusionState(type(module).__name__, config, compile, split_reasons=_SPLIT_REASONS)
     state.origin = _Origin(module)
+    if filter is not None:
+        state.filter = filter
     object.__setattr__(fused, "_fusion", state)
     return fused
 

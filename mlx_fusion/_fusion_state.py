@@ -10,22 +10,52 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections import OrderedDict
 from operator import is_
 from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
 
 from .config import get_config
+from .control import ModuleFilter
+from .log import logger
 from .graph.interpreter import UnsupportedPrimitive, plan
 from .graph.ir import Graph
 from .graph.module_state import Hashed
 from .graph.trace import TraceError, unflatten_tree
 
-__all__ = ["FusionFallbackWarning", "REGISTRY", "optimizer_stats", "compile_like_mlx", "signature"]
+__all__ = ["FusionFallbackWarning", "FusionRetraceWarning", "REGISTRY", "optimizer_stats", "compile_like_mlx",
+           "signature", "CACHE_SIZE", "RETRACE_WARN_AFTER"]
+
+# Traces kept per fused object, least recently used dropped first. Each holds a
+# rewritten graph and, replayed under mx.compile, a compiled function.
+CACHE_SIZE = 64
+# Candidate decisions kept per fused object (explain, `stats.decisions`), newest last.
+MAX_DECISIONS = 4096
+# A fused object traced this many times for new input shapes warns once (dynamic shapes).
+RETRACE_WARN_AFTER = 8
+
+_fusions, _fallbacks, _retraces = logger("fusions"), logger("fallbacks"), logger("retraces")
 
 
 class FusionFallbackWarning(UserWarning):
     """A fused object runs its original, unfused code (see the message for why)."""
+
+
+class FusionRetraceWarning(UserWarning):
+    """A fused object keeps tracing for new input shapes (each trace costs milliseconds)."""
+
+
+def _shape_change(before, after) -> str:
+    """Which input changed between two signatures ``((shape, dtype), ...)``, in words."""
+    if before is None or len(before) != len(after):
+        return f"the inputs changed from {len(before or ())} to {len(after)} arrays"
+    for i, (a, b) in enumerate(zip(before, after)):
+        if a != b:
+            what = "shape" if a[0] != b[0] else "dtype"
+            x, y = (a[0], b[0]) if what == "shape" else (a[1], b[1])
+            return f"input {i} changed {what} {x} -> {y}"
+    return "a non-array part of the key changed (a Python scalar, the config, a module attribute)"
 
 
 REGISTRY: "weakref.WeakSet[_FusionState]" = weakref.WeakSet()
@@ -81,9 +111,13 @@ class _FusionState:
     def __init__(self, name: str, config, compile: bool, split_reasons: tuple = ()):
         self.name, self._config, self.compile = name, config, compile
         self.split_reasons = split_reasons  # modules: fallbacks that still run fused children
-        self.cache: Dict[Any, _Entry] = {}
+        self.cache: "OrderedDict[Any, _Entry]" = OrderedDict()  # at most CACHE_SIZE, LRU
         self.loose: Dict[Any, _Entry] = {}  # first entry per loose key (see `entry`)
-        self.graphs: List[Graph] = []
+        self.graphs: List[Graph] = []  # the last CACHE_SIZE rewritten graphs
+        self.traces = 0
+        self.filter = ModuleFilter()  # fuse(exclude=..., include=...)
+        self.trace_failures: Dict[str, Optional[str]] = {}  # fallback reason -> user source line
+        self._last_inputs, self._retrace_warned = None, False
         self.stats = optimizer_stats()
         self.fallbacks: Dict[str, int] = {}  # reason -> number of traces that fell back
         self.split: Dict[str, int] = {}  # modules: reason -> calls run with fused children instead
@@ -118,7 +152,8 @@ class _FusionState:
         self._last = last[:2] + (params, sig)
         return sig
 
-    def entry(self, key, make_graph: Callable[[], Graph], cfg, params=(), training=False, loose=None) -> _Entry:
+    def entry(self, key, make_graph: Callable[[], Graph], cfg, params=(), training=False, loose=None,
+              inputs=None) -> _Entry:
         """The entry for `key`, tracing on a miss.
 
         `loose()` gives the key with numbers keyed by type only. A miss whose
@@ -134,10 +169,31 @@ class _FusionState:
                 seen = self.loose.get(loose)
                 if seen is not None and seen.direct:
                     return _EAGER
+            self._retrace(inputs)
             entry = self.cache[key] = self._build(make_graph, cfg, params, training)
+            if len(self.cache) > CACHE_SIZE:
+                self.cache.popitem(last=False)
             if loose is not None:
+                if len(self.loose) >= CACHE_SIZE:
+                    self.loose.pop(next(iter(self.loose)))
                 self.loose.setdefault(loose, entry)
+        elif len(self.cache) > 1:
+            self.cache.move_to_end(key)
         return entry
+
+    def _retrace(self, inputs) -> None:
+        """Count a trace; log what changed since the last one and warn once when it keeps happening."""
+        self.traces += 1
+        sig = signature(inputs) if inputs is not None else None
+        if self.traces > 1:
+            change = _shape_change(self._last_inputs, sig) if sig is not None else "the key changed"
+            _retraces.info("%s: trace %d: %s", self.name, self.traces, change)
+            if self.traces >= RETRACE_WARN_AFTER and not self._retrace_warned and sig != self._last_inputs:
+                self._retrace_warned = True
+                warnings.warn(f"mlx_fusion: {self.name} was traced {self.traces} times, {change} "
+                              f"(dynamic shapes: each new shape traces again, and {CACHE_SIZE} traces are kept); "
+                              "pad inputs to a few sizes or exclude the module", FusionRetraceWarning, stacklevel=4)
+        self._last_inputs = sig
 
     def _build(self, make_graph, cfg, params=(), training=False) -> _Entry:
         from .graph.optimizer import FusionOptimizer
@@ -146,18 +202,28 @@ class _FusionState:
         try:
             graph = make_graph()
         except TraceError as e:
+            self.trace_failures[f"could not trace: {e.reason}"] = e.where
             return self.fall_back(f"could not trace: {e.reason}")
         except Exception as e:  # the user's own error (the original raises it again) or a bug here
             return self.fall_back(f"could not trace: {type(e).__name__}: {e}")
         # Neural Engine offload runs first, on the plain trace (docs/neural-engine.md).
         offloaded = _offload(graph, cfg, params, training) if cfg.neural_engine else 0
         try:
-            stats = FusionOptimizer(cfg, price=price, compiled_replay=self.compile and not offloaded).optimize(graph)
+            graph.meta["traced_nodes"] = len(graph)
+            opt = FusionOptimizer(cfg, price=price, compiled_replay=self.compile and not offloaded,
+                                  scope=self.filter.for_graph(graph))
+            stats = opt.optimize(graph)
+            if opt.skipped:
+                self.extra["skipped"] = opt.skipped
             graph.lint()
         except Exception as e:  # a bug in a rewrite must not break the user's model
             return self.fall_back(f"fusion pass failed: {type(e).__name__}: {e}")
         self.graphs.append(graph)
+        if len(self.graphs) > CACHE_SIZE:
+            del self.graphs[0]
         self.stats.merge(stats)
+        del self.stats.decisions[:-MAX_DECISIONS]  # dynamic shapes: keep the recent traces' only
+        _log_decisions(self.name, stats)
         if stats.applied_count == 0 and not offloaded:
             # Nothing fused: the original code is at least as fast as any replay of it.
             entry = _Entry(out_skeleton=graph.meta["out_skeleton"])
@@ -167,6 +233,9 @@ class _FusionState:
             # Core ML blocks read their inputs as NumPy, which mx.compile forbids.
             replay = plan(graph, compile=self.compile and not offloaded)
         except UnsupportedPrimitive as e:
+            for d in stats.decisions:  # the same objects the merged stats hold: explain shows why
+                if d.fused:
+                    d.fused, d.reason = False, f"not applied: the call runs unfused ({e})"
             return self.fall_back(str(e))
         self.fused += 1
         entry = _Entry(replay, graph.meta["out_skeleton"])
@@ -190,16 +259,27 @@ class _FusionState:
         return unflatten_tree(entry.out_skeleton, out)
 
     def fall_back(self, reason: str, stacklevel: int = 5) -> _Entry:
+        how = ("runs its own code unfused (its child modules still fused)" if reason.startswith(self.split_reasons)
+               else "runs unfused")
+        where = self.trace_failures.get(reason)
+        at = f" (at {where})" if where else ""
         if reason not in self.fallbacks:
-            how = ("runs its own code unfused (its child modules still fused)" if reason.startswith(self.split_reasons)
-                   else "runs unfused")
-            warnings.warn(f"mlx_fusion: {self.name} {how}: {reason}", FusionFallbackWarning, stacklevel=stacklevel)
+            warnings.warn(f"mlx_fusion: {self.name} {how}: {reason}{at}", FusionFallbackWarning, stacklevel=stacklevel)
+        _fallbacks.info("%s %s: %s%s", self.name, how, reason, at)
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
         return _Entry(fallback=reason)
 
     def summary(self) -> dict:
         return {"name": self.name, "traces": len(self.graphs), **self.stats.as_dict(),
                 "fallbacks": dict(self.fallbacks), "split": dict(self.split)}
+
+
+def _log_decisions(name: str, stats) -> None:
+    if not _fusions.isEnabledFor(20):  # logging.INFO: skip the formatting
+        return
+    for d in stats.decisions:
+        _fusions.info("%s: %s %s at %s: %s", name, "fused" if d.fused else "rejected", d.pattern,
+                      d.module or "(top)", d.reason)
 
 
 def _offload(graph: Graph, cfg, params, training: bool) -> int:

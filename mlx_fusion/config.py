@@ -25,6 +25,7 @@ __all__ = [
     "reset_config",
     "fusion_config",
     "current_device_kind",
+    "pattern_names",
 ]
 
 # Below ~4K elements an elementwise op is launch-latency bound either way, so a
@@ -50,7 +51,8 @@ class FusionConfig:
         enabled_patterns (frozenset or None): ``None`` allows every pattern; else
             entries are pattern classes (``BinaryActivation``), pattern instances
             (``BinaryActivation(BinaryOp.ADD, Activation.RELU)``) or pattern
-            names (``"add+relu"``, ``"linear+bias+relu"``).
+            names (``"add+relu"``, ``"linear+bias+relu"``). An unknown name raises
+            ``ValueError`` listing the valid ones (`pattern_names()`).
     """
 
     enabled: bool = True
@@ -76,6 +78,10 @@ class FusionConfig:
             for p in pats:
                 if not (isinstance(p, (str, type)) or hasattr(p, "name")):
                     raise TypeError(f"enabled_patterns entry {p!r} is not a pattern, class or name")
+            unknown = sorted(p for p in pats if isinstance(p, str) and p not in pattern_names())
+            if unknown:  # a typo would otherwise disable every fusion without a word
+                raise ValueError(f"unknown pattern name(s) {', '.join(map(repr, unknown))} in enabled_patterns; "
+                                 f"valid names: {', '.join(sorted(pattern_names()))}")
             object.__setattr__(self, "enabled_patterns", pats)
 
     def allows(self, pattern: Any) -> bool:
@@ -99,6 +105,18 @@ class FusionConfig:
         return dataclasses.replace(self, **changes)
 
 
+def pattern_names() -> frozenset:
+    """Every name `enabled_patterns` accepts: the patterns of the fused op definitions and their classes."""
+    global _PATTERN_NAMES
+    if _PATTERN_NAMES is None:
+        from .ops.registry import DEFINITIONS, FUSED_OPS  # ops import this module: late
+
+        pats = [s.pattern for d in DEFINITIONS for s in d.spellings()] + [c.pattern for c in FUSED_OPS]
+        _PATTERN_NAMES = frozenset({p.name for p in pats} | {type(p).__name__ for p in pats})
+    return _PATTERN_NAMES
+
+
+_PATTERN_NAMES = None
 _SETTINGS: Settings[FusionConfig] = Settings(FusionConfig)
 
 

@@ -26,6 +26,7 @@ import mlx.nn as nn
 from ._fused_module import FusedModule, fuse_module
 from ._fusion_state import REGISTRY, FusionFallbackWarning, _FusionState, compile_like_mlx, optimizer_stats, signature
 from ._tracing import tracing
+from .control import ModuleFilter
 from .graph.module_state import Identity, ModuleState, Unsafe, static_key
 from .graph.trace import CellState, _trace_flat, call_key, flatten_call, flatten_tree, function_roots
 
@@ -47,7 +48,7 @@ class FusedFunction:
         fallbacks (dict[str, int]): reasons for running unfused, with counts.
     """
 
-    def __init__(self, fn: Callable, config=None, compile: bool = True):
+    def __init__(self, fn: Callable, config=None, compile: bool = True, filter=None):
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._cells = getattr(fn, "__closure__", None) or ()
@@ -57,6 +58,8 @@ class FusedFunction:
         self._names = code.co_names if code is not None else ()
         self._globals = getattr(fn, "__globals__", None) or {}
         self._fusion = _FusionState(getattr(fn, "__qualname__", repr(fn)), config, compile)
+        if filter is not None:
+            self._fusion.filter = filter
 
     stats = property(lambda self: self._fusion.stats)
     graphs = property(lambda self: self._fusion.graphs)
@@ -98,7 +101,7 @@ class FusedFunction:
         loose = None if type(structure) is int else (
             lambda: (key[0], call_key(flatten_tree((args, kwargs))[1], loose=True)) + key[2:])
         entry = state.entry(key, lambda: _trace_flat(self._fn, states, args, kwargs, function_roots(self._fn)),
-                            cfg, params, loose=loose)
+                            cfg, params, loose=loose, inputs=leaves)
         if entry.fallback is None:
             if entry.direct:
                 if not state.compile or entry.eager or type(structure) is not int and modules:
@@ -187,7 +190,7 @@ def _threading(fn: Callable, states) -> Callable:
     return call
 
 
-def fuse(fn_or_module, config=None, *, compile: bool = True):
+def fuse(fn_or_module, config=None, *, compile: bool = True, exclude=(), include=None):
     """Return a fused version of a function or ``nn.Module``.
 
     Args:
@@ -199,21 +202,27 @@ def fuse(fn_or_module, config=None, *, compile: bool = True):
         config (FusionConfig, optional): default: ``mlx_fusion.config.get_config()``
           at each call. ``enabled=False`` runs the original.
         compile (bool): replay under ``mx.compile``. Default: ``True``.
+        exclude (list, optional): modules never fused, by path as ``named_modules()``
+          spells it (``"lm_head"``, globs like ``"layers.*.mlp"``) or by class
+          (``nn.Embedding``); a path covers everything below it.
+        include (list, optional): if given, only these modules (same spelling) are fused.
 
     Returns:
         A `FusedFunction` (``.stats``, ``.graphs``, ``.fallbacks``) or the fused
         module (``.fusion_stats``, ``.fusion_graphs``, ``.fusion_fallbacks``).
 
     Raises:
-        TypeError: `fn_or_module` is not callable.
+        TypeError: `fn_or_module` is not callable, or an `exclude`/`include` entry
+          is neither a string nor an ``nn.Module`` class.
     """
+    scope = ModuleFilter(exclude, include)
     if isinstance(fn_or_module, (FusedModule, FusedFunction)):
         return fn_or_module
     if isinstance(fn_or_module, nn.Module):
-        return fuse_module(fn_or_module, config, compile)
+        return fuse_module(fn_or_module, config, compile, scope)
     if not callable(fn_or_module):
         raise TypeError(f"fuse() needs a function or nn.Module, got {type(fn_or_module).__name__}: {fn_or_module!r}")
-    return FusedFunction(fn_or_module, config, compile)
+    return FusedFunction(fn_or_module, config, compile, scope)
 
 
 def stats() -> dict:

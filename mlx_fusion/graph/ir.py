@@ -53,6 +53,7 @@ class Node:
     inputs: List[Value]
     outputs: List[Value]
     params: Any = ()
+    module: str = ""  # path of the submodule whose call made it ("layers.0.mlp"), "" for the top (graph/scopes.py)
 
     def __str__(self) -> str:
         outs = ", ".join(str(v) for v in self.outputs)
@@ -156,7 +157,7 @@ class Graph:
         return Graph(
             inputs=list(self.inputs),
             outputs=list(self.outputs),
-            nodes=[Node(n.id, n.op, list(n.inputs), list(n.outputs), n.params) for n in self.nodes],
+            nodes=[Node(n.id, n.op, list(n.inputs), list(n.outputs), n.params, n.module) for n in self.nodes],
             constants=dict(self.constants),
             constant_values=dict(self.constant_values),
             meta=dict(self.meta),

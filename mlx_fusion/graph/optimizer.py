@@ -21,7 +21,7 @@ from ..config import FusionConfig, current_device_kind, get_config
 from .ir import Graph, GraphError, Node, Value
 from .rules import ELEMENTWISE_OPS, RULES, VIEW_OPS, Match, MatchContext, RuleSet
 
-__all__ = ["FusionOpportunity", "FusionStats", "FusionOptimizer", "CostModel"]
+__all__ = ["FusionOpportunity", "FusionStats", "FusionOptimizer", "CostModel", "Decision", "SOURCE_LABELS"]
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +67,55 @@ class FusionOpportunity:
     benefit: float = 0.0
     dtype: object = None
     size: int = 0
+    match: Optional[Match] = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
         return self.pattern.name
 
 
+# Where a speedup came from, in words (explain, inspect).
+SOURCE_LABELS = {"measured": "own measurement", "shipped": "shipped prior", "model": "model estimate"}
+
+
+@dataclass
+class Decision:
+    """What the optimizer decided about one candidate match (`FusionOptimizer.decisions`).
+
+    pattern: its name; node_ids / ops: the nodes it would replace (last = root); module:
+    the deepest module path among them ("layers.0.mlp.gate_proj", "" for the top); fused:
+    applied or not; reason: why, in words; speedup / source: the price it was given
+    ("measured", "shipped" or "model"), None when it was rejected before pricing."""
+
+    pattern: str
+    node_ids: List[int]
+    ops: List[str]
+    module: str
+    fused: bool
+    reason: str
+    speedup: Optional[float] = None
+    source: Optional[str] = None
+    output: str = ""
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "decision": "fused" if self.fused else "rejected"}
+
+
+def _match_module(nodes: List[Node]) -> str:
+    """The deepest module among a match's nodes: linear+relu is reported where its matmul ran
+    (``layers.0``), not where the activation was applied (the parent)."""
+    return max((n.module for n in nodes), key=lambda p: p.count(".") + bool(p), default="")
+
+
 @dataclass
 class FusionStats:
+    """Counts over traces; `decisions` (not in `as_dict`) lists every candidate and why it was (not) fused."""
+
     applied_count: int = 0
     failed_count: int = 0
     memory_saved_bytes: int = 0
     by_pattern: Dict[str, int] = field(default_factory=dict)
+    decisions: List[Decision] = field(default_factory=list, compare=False, repr=False)
 
     def record(self, opp: FusionOpportunity) -> None:
         self.applied_count += 1
@@ -92,15 +129,17 @@ class FusionStats:
         self.memory_saved_bytes += other.memory_saved_bytes
         for k, v in other.by_pattern.items():
             self.by_pattern[k] = self.by_pattern.get(k, 0) + v
+        self.decisions += other.decisions
         return self
 
     def as_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: getattr(self, k) for k in ("applied_count", "failed_count", "memory_saved_bytes")}
         d["by_pattern"] = dict(sorted(self.by_pattern.items()))
         return d
 
 
 Price = Callable[[object, object, int, str], Optional[float]]
+Scope = Callable[[List[str]], Optional[str]]  # module paths of a match's nodes -> why excluded, or None
 
 
 class FusionOptimizer:
@@ -115,6 +154,8 @@ class FusionOptimizer:
         rules (RuleSet, optional): default `rules.RULES`.
         cost (CostModel, optional): the model used when nothing is measured.
         device (str, optional): "metal" / "cuda" / "cpu"; default: MLX's current device.
+        scope (Callable, optional): ``scope(module_paths) -> Optional[str]``: why a match whose
+            nodes come from these modules may not be fused (``fuse(exclude=...)``), or None.
         compiled_replay (bool): the rewritten graph will run under `mx.compile` (what `fuse()`
             does by default). Then a match whose output is read only by elementwise ops is
             left alone: compiled, its last step would merge into the readers' kernel, and the
@@ -124,9 +165,11 @@ class FusionOptimizer:
 
     def __init__(self, config: Optional[FusionConfig] = None, *, price: Optional[Price] = None,
                  compiled_replay: bool = False, rules: RuleSet = RULES, cost: CostModel = CostModel(),
-                 device: Optional[str] = None):
+                 device: Optional[str] = None, scope: Optional[Scope] = None):
         self._config, self.price, self.rules, self.cost, self._device = config, price, rules, cost, device
-        self.compiled_replay = compiled_replay
+        self.compiled_replay, self.scope = compiled_replay, scope
+        self.decisions: List[Decision] = []  # of the last detection: every candidate, fused or not
+        self.skipped: Optional[str] = None  # of the last detection: why nothing was even matched
 
     @property
     def config(self) -> FusionConfig:
@@ -138,17 +181,29 @@ class FusionOptimizer:
 
     # -- detection --------------------------------------------------------------------------------
     def detect_opportunities(self, graph: Graph) -> List[FusionOpportunity]:
-        """Legal, worthwhile, non-overlapping opportunities, best (largest benefit) first."""
+        """Legal, worthwhile, non-overlapping opportunities, best (largest benefit) first.
+
+        Every candidate and why it was taken or not is left in `self.decisions`."""
         config, device = self.config, self.device
+        self.decisions, self.skipped = [], None
         if not config.enabled or not config.device_allowed(device):
+            self.skipped = ("disabled by config (enabled=False)" if not config.enabled
+                            else f"disabled by config on this device ({device}={False})")
             return []
         ctx = MatchContext(graph, config)
-        found = []
+        found, rejected = [], []
         for node in graph.nodes:
-            for m in self.rules.matches(ctx, node):
-                opp = self._price(ctx, m, device)
+            for m, reason in self.rules.candidates(ctx, node):
+                if reason is None and self.scope is not None:
+                    reason = self.scope([n.module for n in m.nodes])
+                opp = None
+                if reason is None:
+                    opp, reason = self._price(ctx, m, device)
                 if opp is not None:
+                    opp.match = m
                     found.append(opp)
+                else:
+                    rejected.append((m, reason))
         # Greedy by benefit; the stable sort leaves ties to graph order, then to the rule
         # listed first (linear, scalar, binary). A node belongs to at most one fusion.
         # Equal benefits (to 9 digits: the model prices silu(x @ W) * u the same fused as
@@ -157,20 +212,41 @@ class FusionOptimizer:
         # keeps no hidden pre-activation for its backward.
         gemms = {n.id for n in graph.nodes if n.op in ("Matmul", "AddMM")}
         found.sort(key=lambda o: (-float(f"{o.benefit:.9g}"), len(gemms.intersection(o.node_ids))))
-        taken, chosen = set(), []
+        taken, chosen, owner = set(), [], {}
         for opp in found:
             if taken.isdisjoint(opp.node_ids):
                 taken.update(opp.node_ids)
+                owner.update({i: opp for i in opp.node_ids})
                 chosen.append(opp)
+        decisions, won_ids = [], {id(o) for o in chosen}
+        for opp in found:
+            won = id(opp) in won_ids
+            if won:
+                why = f"{opp.estimated_speedup:.2f}x ({SOURCE_LABELS.get(opp.source, opp.source)})"
+            else:
+                other = next(owner[i] for i in opp.node_ids if i in owner)
+                why = f"overlaps a better fusion: {other.name} ({other.estimated_speedup:.2f}x)"
+            decisions.append(self._decision(opp.match, won, why, opp.estimated_speedup, opp.source))
+        for m, reason in rejected:
+            decisions.append(self._decision(m, False, *reason) if isinstance(reason, tuple)
+                             else self._decision(m, False, reason))
+        pos = {n.id: i for i, n in enumerate(graph.nodes)}
+        self.decisions = sorted(decisions, key=lambda d: (pos.get(d.node_ids[-1], 0), not d.fused))
         return chosen
+
+    @staticmethod
+    def _decision(m: Match, fused: bool, reason: str, speedup=None, source=None) -> Decision:
+        return Decision(m.pattern.name, m.node_ids, [n.op for n in m.nodes], _match_module(m.nodes), fused, reason,
+                        speedup, source, str(m.output))
 
     def _feeds_only_elementwise(self, ctx: MatchContext, m: Match) -> bool:
         users = ctx.users.get(m.output.name, ())
         return bool(users) and m.output.name not in ctx.outputs and all(u.op in ELEMENTWISE_OPS for u in users)
 
-    def _price(self, ctx: MatchContext, m: Match, device: str) -> Optional[FusionOpportunity]:
-        if self.compiled_replay and self._feeds_only_elementwise(ctx, m):
-            return None  # mx.compile does better: see compiled_replay
+    def _price(self, ctx: MatchContext, m: Match, device: str):
+        """(opportunity, None), or (None, why not: a reason or ``(reason, speedup, source)``)."""
+        if self.compiled_replay and self._feeds_only_elementwise(ctx, m):  # mx.compile does better
+            return None, "left to mx.compile: compiled, its output merges into the elementwise ops reading it"
         producer = ctx.producer
 
         def source_of(v: Value) -> Value:  # a broadcast reads its (small) source
@@ -190,25 +266,28 @@ class FusionOptimizer:
         if isinstance(measured, tuple):  # (speedup, source), e.g. the shipped priors: "shipped"
             measured, source = measured
         if measured is not None:
-            if measured < 1.0:
-                return None  # measured slower than unfused: leave it alone
-            speedup, source = float(measured), (source if source != "model" else "measured")
+            source = source if source != "model" else "measured"
+            if measured < 1.0:  # measured slower than unfused: leave it alone
+                return None, (f"measured slower: {measured:.2f}x ({SOURCE_LABELS.get(source, source)})",
+                              float(measured), source)
+            speedup = float(measured)
         if speedup <= 1.0:
-            return None
+            return None, (f"not faster: {speedup:.2f}x ({SOURCE_LABELS.get(source, source)})", speedup, source)
         replacement = Node(-1, m.op, list(m.inputs), list(m.outputs), dict(m.params))
         return FusionOpportunity(m.pattern, m.node_ids, speedup, saved, replacement,
                                  [n.id for n in m.via], source, unfused * (1 - 1 / speedup),
-                                 m.output.dtype, m.size)
+                                 m.output.dtype, m.size), None
 
     # -- rewriting --------------------------------------------------------------------------------
     def apply_fusions(self, graph: Graph, opportunities: List[FusionOpportunity]) -> FusionStats:
         """Rewrite `graph` in place, one opportunity at a time; a stale one counts as failed."""
-        stats = FusionStats()
+        stats, self._failed = FusionStats(), {}
         for opp in opportunities:
             try:
                 self._apply(graph, opp)
             except GraphError as e:
                 stats.failed_count += 1
+                self._failed[opp.node_ids[-1]] = str(e)
                 log.warning("fusion %s on nodes %s not applied: %s", opp.name, opp.node_ids, e)
             else:
                 stats.record(opp)
@@ -216,7 +295,13 @@ class FusionOptimizer:
         return stats
 
     def optimize(self, graph: Graph) -> FusionStats:
-        return self.apply_fusions(graph, self.detect_opportunities(graph))
+        """Detect and apply; the stats carry `decisions` (a stale opportunity is marked not fused)."""
+        stats = self.apply_fusions(graph, self.detect_opportunities(graph))
+        stats.decisions = list(self.decisions)
+        for d in stats.decisions:
+            if d.fused and d.node_ids[-1] in self._failed:
+                d.fused, d.reason = False, f"not applied: {self._failed[d.node_ids[-1]]}"
+        return stats
 
     def _apply(self, graph: Graph, opp: FusionOpportunity) -> None:
         index = {n.id: i for i, n in enumerate(graph.nodes)}
@@ -236,7 +321,7 @@ class FusionOptimizer:
         if graph.nodes[index[root]].outputs[0].name != outs[-1].name:
             raise GraphError("root node no longer produces the fused output")
         fused = Node(graph.next_id(), opp.replacement.op, list(opp.replacement.inputs), outs,
-                     dict(opp.replacement.params))
+                     dict(opp.replacement.params), graph.nodes[index[root]].module)
         # The fused node takes the root's place: its inputs are all defined before the root
         # and the root's users all come after it, so topological order holds.
         graph.nodes = [fused if n.id == root else n for n in graph.nodes if n.id == root or n.id not in doomed]

@@ -171,6 +171,16 @@ class RuleSet:
 
     def matches(self, ctx: MatchContext, node: Node) -> Iterator[Match]:
         """Per rule, the first legal match ending at `node`."""
+        for m, reason in self.candidates(ctx, node):
+            if reason is None:
+                yield m
+
+    def candidates(self, ctx: MatchContext, node: Node) -> Iterator[Tuple[Match, Optional[str]]]:
+        """Per rule, ``(first legal match, None)`` at `node`, else ``(first match, why it is illegal)``.
+
+        The reasons are kept for `mlx_fusion.explain`: a rule that matched but may not
+        apply says why (not single-use, dtype, size, disabled by config).
+        """
         if not node.outputs:
             return
         # The patterns whose first level fits, memoized per node signature (all the relus of
@@ -182,10 +192,16 @@ class RuleSet:
                           for r, pats in self._patterns(node.outputs[0].dtype).get(node.op, ())]
             candidates = ctx.memo[key] = [(r, pats) for r, pats in candidates if pats]
         for rule, patterns in candidates:
+            first = None
             for m in rule.match(ctx, node, patterns):
-                if legality(ctx, m) is None:
-                    yield m
+                reason = legality(ctx, m)
+                if reason is None:
+                    yield m, None
                     break
+                first = first or (m, reason)
+            else:
+                if first is not None:
+                    yield first
 
 
 def rules_from(definitions) -> RuleSet:
@@ -216,18 +232,18 @@ def legality(ctx: MatchContext, m: Match) -> Optional[str]:
                     return f"{v.name} is read before the fused node could define it"
                 continue
             if v.name in ctx.outputs:
-                return f"{v.name} is a graph output"
+                return f"not single-use: intermediate {v.name} is a graph output"
             if users:
-                return f"{v.name} has a user outside the match"
+                return f"not single-use: intermediate {v.name} is also read by %{users[0].id} {users[0].op}"
     made_inside = {v.name for n in m.nodes for v in n.outputs}
     if any(v.name in made_inside for v in m.inputs):  # e.g. relu(y + y), y = x @ W, read as a bias
         return "the fused node would read a value the fusion removes"
     if m.output.dtype not in FUSIBLE_DTYPES:
-        return f"dtype {m.output.dtype} not fusible"
+        return f"dtype {str(m.output.dtype).replace('mlx.core.', '')} not fusible"
     if any(v.dtype != m.output.dtype for v in m.inputs):
-        return "mixed dtypes"
+        return "dtype: mixed input dtypes"
     if m.size < ctx.config.min_tensor_size:
-        return f"size {m.size} < min_tensor_size {ctx.config.min_tensor_size}"
+        return f"below min_tensor_size: {m.size} < {ctx.config.min_tensor_size} elements"
     if not ctx.config.allows(m.pattern):
-        return f"pattern {m.pattern.name} disabled"
+        return f"disabled by config: {m.pattern.name} not in enabled_patterns"
     return None

@@ -33,6 +33,7 @@ from .._tracing import trace_scope
 from .guard import Snapshot
 from .ir import Graph, Node, Value
 from .module_state import CellState, ModuleState, Unsafe, _name
+from .scopes import CallRecorder, assign_modules, module_types
 from .pytree import Slot, _is_module, call_key, flatten_call, flatten_tree, structure_key, unflatten_tree
 
 __all__ = [
@@ -51,11 +52,26 @@ __all__ = [
 
 
 class TraceError(RuntimeError):
-    """A function could not be captured as a graph; `reason` says why."""
+    """A function could not be captured as a graph; `reason` says why, `where` (or None) the
+    user's source line that failed (``"model.py:12: n = x.sum().item()"``)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, where: Optional[str] = None):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.where = reason, where
+
+
+def _user_line(tb) -> Optional[str]:
+    """The innermost frame of `tb` outside mlx_fusion and MLX itself, as ``file:line: code``."""
+    import os
+    import traceback
+
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mlx_dir = os.path.dirname(os.path.dirname(os.path.abspath(nn.__file__)))
+    for f in reversed(traceback.extract_tb(tb)):
+        name = os.path.abspath(f.filename)
+        if not name.startswith((ours + os.sep, mlx_dir + os.sep)):
+            return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+    return None
 
 
 def module_parameters(module: nn.Module) -> Tuple[List[str], List[mx.array]]:
@@ -108,7 +124,7 @@ def _export(flat_fn: Callable, flat_inputs: List[mx.array]) -> List[dict]:
         if "CustomTransforms" in str(e):
             hint = (" (an mx.custom_function or mx.checkpoint inside: nn.utils.checkpoint, an mlx_fusion op,"
                     " a custom vjp)")
-        raise TraceError(f"{type(e).__name__}: {e}{hint}") from e
+        raise TraceError(f"{type(e).__name__}: {e}{hint}", _user_line(e.__traceback__)) from e
     finally:
         if enabled:
             mx.enable_compile()
@@ -184,6 +200,10 @@ def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs
     snapshot = Snapshot(walked, params_of=[m for s in states for m in s.modules])
     per_state = [s.read()[0] for s in states]
     paths = [f"{s.label}.{p}" for s in states for p in s.paths]
+    # Module paths: the first module is the top (""), others are named by their class.
+    scope_roots = [("" if i == 0 else s.label, s.modules[0]) for i, s in enumerate(states)
+                   if s.modules and isinstance(s.modules[0], nn.Module)]
+    recorder = CallRecorder(scope_roots)
 
     def flat_fn(*flat):
         i = 0
@@ -203,6 +223,10 @@ def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs
         # code that appends to an argument, would lose those writes in a replay.
         now = [p for s in states for p in s.read()[0]]
         out_info["wrote"] = [p for p, x, y in zip(paths, now, flat[:n]) if x is not y] + rebuilt.changes()
+        out_info["n_out"] = len(outs)
+        boundary = recorder.boundary()  # extra outputs, so the trace names them (graph/scopes.py)
+        out_info["n_boundary"] = len(boundary)
+        outs = outs + boundary
         key = mx.random.state[0]
         if key is not out_info["key"]:  # draws from the global key: return where it ended
             outs.append(key)
@@ -214,7 +238,8 @@ def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs
     out_info["key"], out_info["rng_out"] = mx.random.state[0], False
     failure = None
     try:
-        items = _export(flat_fn, params + leaves)
+        with recorder.recording():
+            items = _export(flat_fn, params + leaves)
     except TraceError as e:
         failure = e
     finally:
@@ -230,6 +255,8 @@ def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs
         raise TraceError(f"writes Python state while running ({', '.join(dict.fromkeys(wrote))}): traced, the "
                          "write would hold tracer arrays, and a replay would not repeat it")
     g = _to_graph(items, mx.random.key(_MARK_SEED) if out_info["rng_out"] else None)
+    _name_modules(g, recorder, out_info["n_out"], out_info["n_boundary"])
+    g.meta["module_types"] = module_types(scope_roots)
     if out_info["rng_out"] and not g.meta["rng_inputs"]:
         raise TraceError("draws from the global random key in a way the trace cannot thread through")
     g.meta.update(
@@ -242,6 +269,17 @@ def _trace_flat(fn: Callable, states: Sequence[ModuleState], args: tuple, kwargs
         source=getattr(fn, "__qualname__", type(fn).__name__),
     )
     return g
+
+
+def _name_modules(g: Graph, recorder: CallRecorder, n_out: int, n_boundary: int) -> None:
+    """Drop the boundary outputs from `g` and set each node's module path from them."""
+    names = [v.name for v in g.outputs[n_out: n_out + n_boundary]]
+    g.outputs = g.outputs[:n_out] + g.outputs[n_out + n_boundary:]
+    calls, i = [], 0
+    for path, ins, outs in recorder.calls:
+        calls.append((path, names[i: i + len(ins)], names[i + len(ins): i + len(ins) + len(outs)]))
+        i += len(ins) + len(outs)
+    assign_modules(g, calls)
 
 
 def function_roots(fn: Callable) -> List[Tuple[str, Any]]:
