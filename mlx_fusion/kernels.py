@@ -167,6 +167,11 @@ def get_kernel(name: str) -> Callable:
     return kernel
 
 
+def backend_forced() -> bool:
+    """True inside `use_backend` (the tests' shims), False on the device MLX runs on."""
+    return getattr(_override, "backend", None) is not None
+
+
 @contextlib.contextmanager
 def use_backend(backend: str, factory: Optional[Callable] = None):
     """Force a kernel backend in this thread (tests): e.g. run the Metal sources

@@ -8,10 +8,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_fusion import fuse, fusion_config, kernels
-from mlx_fusion.graph.interpreter import run_graph
+from mlx_fusion import kernels
 from mlx_fusion.graph.ir import Graph, Node, Value
-from mlx_fusion.ops.add_norm import ADD_LAYER_NORM, add_layer_norm_reference, fused_add_layer_norm
+from mlx_fusion.ops.add_norm import add_layer_norm_reference, fused_add_layer_norm
 from tests._graphs import optimizer, trace_graph
 from tests.test_add_norm import (BACKENDS, DTYPES, SHIM_DTYPES, SHIM_SHAPES, TOL, _close, _inputs, _loss, kc,
                                  needs_block_shim)
@@ -56,35 +55,19 @@ def test_layer_norm_values_and_grads(shape, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(4, 64), (2, 3, 100)], ids=str)
-@pytest.mark.parametrize("eps", [1e-6, 0.25])
-def test_rule_finds_add_layer_norm(shape, dtype, eps):
+def test_add_layer_norm_is_not_searched_for_until_verified_on_a_gpu(shape, dtype):
+    """Its kernels gave wrong gradients and a faulting launch on an H200 (docs/add-norm.md):
+    fuse() leaves the CPU and GPU spellings of add + layer_norm alone, and the op itself runs
+    MLX's code on a real device (the shims below still execute the kernels)."""
     args = _layer_inputs(shape, dtype)
-    fn = lambda x, r, w, b: (x + r, mx.fast.layer_norm(x + r, w, b, eps))  # noqa: E731
-    g = trace_graph(fn, *args)
-    (o,) = optimizer().detect_opportunities(g)
-    assert o.name == "add+layer_norm" and o.replacement.params["pattern"] == ADD_LAYER_NORM
-    assert o.replacement.params["eps"] == mx.array(eps, mx.float32).item()
-    assert [v.name for v in o.replacement.inputs] == [v.name for v in g.inputs]
-    with fusion_config(min_tensor_size=0):
-        f = fuse(fn)
-        got = f(*args)
-    assert f.stats.by_pattern == {"add+layer_norm": 1}
-    for a, want in zip(got, fn(*args)):
-        assert mx.array_equal(a, want).item()
-
-
-def test_layer_norm_gpu_spelling_on_a_hand_built_graph():
-    x, r = Value("x", (3, 16), mx.float16), Value("r", (3, 16), mx.float16)
-    w, b = Value("w", (16,), mx.float16), Value("b", (16,), mx.float16)
-    h, y = Value("h", (3, 16), mx.float16), Value("y", (3, 16), mx.float16)
-    eps = float(mx.array(1e-6, mx.float32).item())
-    g = Graph([x, r, w, b], [h, y], [Node(0, "Add", [x, r], [h]), Node(1, "LayerNorm", [h, w, b], [y], (eps,))])
-    args = list(_layer_inputs((3, 16), mx.float16))
-    want = run_graph(g, args)
-    assert optimizer().optimize(g).by_pattern == {"add+layer_norm": 1}
-    assert g.nodes[0].params["eps"] == eps
-    for a, ww in zip(run_graph(g, args), want):
-        assert mx.array_equal(a, ww).item()
+    fn = lambda x, r, w, b: (x + r, mx.fast.layer_norm(x + r, w, b, 1e-5))  # noqa: E731
+    assert optimizer().detect_opportunities(trace_graph(fn, *args)) == []
+    x, r, w, b = Value("x", (3, 16), dtype), Value("r", (3, 16), dtype), Value("w", (16,), dtype), Value("b", (16,), dtype)
+    h, y = Value("h", (3, 16), dtype), Value("y", (3, 16), dtype)
+    g = Graph([x, r, w, b], [h, y], [Node(0, "Add", [x, r], [h]), Node(1, "LayerNorm", [h, w, b], [y], (1e-5,))])
+    assert optimizer().optimize(g).by_pattern == {}
+    for got, want in zip(fused_add_layer_norm(*args, eps=1e-5), add_layer_norm_reference(*args, eps=1e-5)):
+        assert mx.array_equal(got, want).item()
 
 
 def check_add_layer_norm(backend, fac, shape, dtype, eps, has_w=True, has_b=True):

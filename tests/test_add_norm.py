@@ -160,8 +160,12 @@ def test_inside_compile_and_vmap():
     want = mx.grad(_loss(add_rms_norm_reference, 1e-5), argnums=(0, 2))(x, r, w)
     for a, b in zip(g, want):
         _close(a, b, 1e-4, "compiled grads")
-    v = mx.vmap(lambda x, r: fused_add_rms_norm(x, r, w, 1e-5))(x, r)
-    for a, b in zip(v, add_rms_norm_reference(x, r, w, 1e-5)):
+    vf = mx.vmap(lambda x, r: fused_add_rms_norm(x, r, w, 1e-5))
+    if kernels.kernel_backend() is not None:  # MLX cannot vmap a CustomKernel (as for every fused op)
+        with pytest.raises(ValueError, match="vmap"):
+            mx.eval(vf(x, r))
+        return
+    for a, b in zip(vf(x, r), add_rms_norm_reference(x, r, w, 1e-5)):
         _close(a, b, 1e-5, "vmap")
 
 
@@ -238,7 +242,10 @@ def test_gpu_spelling_on_a_hand_built_graph(dtype, eps):
     (node,) = g.nodes
     assert node.op == "FusedAddNorm" and node.params["eps"] == mx.array(eps, mx.float32).item()
     for a, b in zip(run_graph(g, list(args)), want):
-        assert mx.array_equal(a, b).item()
+        if kernels.kernel_backend() is None:  # the CPU runs MLX's own code: bit for bit
+            assert mx.array_equal(a, b).item()
+        else:  # our kernel against MLX's RMSNorm kernel: another summation order
+            _close(a, b, TOL[dtype], "gpu spelling")
 
 
 def test_gpu_spelling_without_weight_is_not_fused():
@@ -283,7 +290,9 @@ def test_tiny_llama_logits_and_grads(monkeypatch):
     flat, flat_ref = dict(nn.utils.tree_flatten(g)), dict(nn.utils.tree_flatten(g_ref))
     assert flat.keys() == flat_ref.keys()
     for k in flat:
-        np.testing.assert_allclose(np.array(flat[k]), np.array(flat_ref[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+        # a GPU's kernels sum rows in another order than MLX's (gradients through 2 layers: ~3e-5)
+        atol = 1e-5 if kernels.kernel_backend() is None else 1e-4
+        np.testing.assert_allclose(np.array(flat[k]), np.array(flat_ref[k]), rtol=1e-4, atol=atol, err_msg=k)
 
 
 # --- the kernels, executed on the CPU through the block-level shims ------------------------------

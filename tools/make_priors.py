@@ -2,12 +2,15 @@
 shipped priors the tracker falls back on for a device kind with no local
 measurements: mlx_fusion/data/priors-<kind>.json.
 
-    python3 tools/make_priors.py cuda docs/data/h100-elementwise.json docs/data/h100-linear.json
+    python3 tools/make_priors.py cuda docs/data/h100-elementwise.json docs/data/h100-linear.json \
+        docs/data/h200-llama-model-priors.json
 
 Each entry's speedup is the smaller of the forward and forward+backward ratios
 of fused vs the better of eager and mx.compile: a fusion must pay in training
 as well as inference to be taken by default. Per-kind entries ("*binary",
 "*scalar", "*linear") give the median for patterns that were not measured.
+A file of kind "prior-overlay" (entries written from a model-level measurement, with
+its note) is copied in as it is, after the op tables.
 """
 import json
 import statistics
@@ -25,9 +28,13 @@ def main(kind, *paths):
     best = {}
     source = set()
     per_kind = defaultdict(list)
+    overlays = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         source.add(f"{data['device']}, MLX {data['mlx']}")
+        if data.get("kind") == "prior-overlay":
+            overlays.update(data["entries"])
+            continue
         for r in data["results"]:
             case = case_for_pattern(r["op"])
             bucket = size_bucket(output_size(case.kind, tuple(r["shape"])))
@@ -39,6 +46,7 @@ def main(kind, *paths):
     entries = {k: {"speedup": round(v, 3)} for k, v in best.items()}
     for (k, dtype, bucket), vals in per_kind.items():
         entries[f"{kind}|*{k}|{dtype}|{bucket}"] = {"speedup": round(statistics.median(vals), 3)}
+    entries.update(overlays)
     out = Path(__file__).resolve().parent.parent / "mlx_fusion" / "data" / f"priors-{kind}.json"
     out.write_text(json.dumps({"measured_on": sorted(source), "rule": __doc__.split("\n\n")[2],
                                "entries": dict(sorted(entries.items()))}, indent=1) + "\n")

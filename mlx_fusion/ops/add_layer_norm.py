@@ -132,7 +132,10 @@ def fused_add_layer_norm(x: mx.array, residual: mx.array, weight: Optional[mx.ar
           and residual.shape == x.shape and x.dtype in FUSED_DTYPES
           and all(t.dtype == x.dtype for t in arrays)
           and all(t.shape == (x.shape[-1],) for t in extra))
-    if not ok or kernels.kernel_backend() is None:
+    # The kernels run only under a forced backend (the tests' shims): on an H200 their gradients
+    # were wrong and a launch faulted (docs/add-norm.md), so a real GPU runs MLX's code until
+    # they are fixed and verified there.
+    if not ok or kernels.kernel_backend() is None or not kernels.backend_forced():
         return add_layer_norm_reference(x, residual, weight, bias, eps)
     out = _add_layer_primitive(weight is not None, bias is not None, float(eps))(*arrays)
     return out[0], out[1]

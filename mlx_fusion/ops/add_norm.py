@@ -243,8 +243,9 @@ def _builder(vectors):
 
 def _spellings():
     out = []
-    for pattern, ref, vectors, op in ((ADD_RMS_NORM, _rms_reference, 1, "RMSNorm"),
-                                      (ADD_LAYER_NORM, _layer_reference, 2, "LayerNorm")):
+    # add+layer_norm is not searched for: its kernels are not verified on a GPU (docs/add-norm.md);
+    # its spellings come back here when they are.
+    for pattern, ref, vectors, op in ((ADD_RMS_NORM, _rms_reference, 1, "RMSNorm"),):
         rule, build = pattern.name, _builder(vectors)
         out += [Spelling(pattern=pattern, reference=ref, example=_example(rank, vectors), build=build,
                          rule=rule, constants=(_EPS, 1.0 / _D)) for rank in (3, 2)]
