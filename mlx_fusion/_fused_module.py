@@ -5,7 +5,8 @@ children and arrays, so ``isinstance``, attributes, ``parameters()``,
 ``update()``, ``freeze()``, ``train()``/``eval()`` and save/load_weights behave
 as before. Each call first takes over what was changed on the *original*'s
 top level since the last call (``model.weight = w2`` on the module passed to
-`fuse`), so both objects run the same parameters.
+`fuse`), so both objects run the same parameters (an array replaced by an equal
+copy is no change: see `_Origin`).
 
 A call that cannot be traced safely as a whole (an argument is a stateful
 object such as a KV cache, the code writes its own state, a trace fails)
@@ -23,6 +24,7 @@ import threading
 from operator import is_
 from typing import List, Tuple
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from ._fusion_state import _FusionState, compile_like_mlx, signature
@@ -236,7 +238,13 @@ def _split(module, state: _FusionState, forward, reason: str, args, kwargs):
 
 
 class _Origin:
-    """The module passed to `fuse`: what changed on its top level since the last call."""
+    """The module passed to `fuse`: what changed on its top level since the last call.
+
+    An array replaced by another array with the same shape, dtype and values is no
+    change: ``nn.value_and_grad(model, ...)`` leaves such copies on the original, and
+    taking them over inside ``nn.value_and_grad(fused, ...)`` would replace the fused
+    object's tracers (the gradient of that parameter would read 0).
+    """
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -256,12 +264,23 @@ class _Origin:
             if k not in m:
                 dict.pop(fused, k, None)
         for k, v in dict.items(m):
-            if self.items.get(k, self) is not v:
+            if _changed(self.items.get(k, self), v):
                 dict.__setitem__(fused, k, v)
         for k, v in m.__dict__.items():
-            if k not in ("_fusion", "_no_grad") and self.attrs.get(k, self) is not v:
+            if k not in ("_fusion", "_no_grad") and _changed(self.attrs.get(k, self), v):
                 fused.__dict__[k] = v
         self._snap()
+
+
+def _changed(old, new) -> bool:
+    if old is new:
+        return False
+    if type(old) is _array and type(new) is _array and old.shape == new.shape and old.dtype == new.dtype:
+        try:
+            return not mx.array_equal(old, new).item()
+        except Exception:  # arrays of a transformation in progress: take the new one
+            return True
+    return True
 
 
 def _rebuild(base: type, name: str, config, compile: bool, filter=None) -> nn.Module:

@@ -224,12 +224,9 @@ EXPECTED_FALLBACK = {
 # conversion (FromFP8) that an mxfp8 QuantizedEmbedding's dequantize traces to (QuantizedLinear is fine).
 QUANTIZED_FALLBACK = {"mxfp8": "Unable to get state for primitive FromFP8"}
 # Known fuse()/trace() bugs, per (test, architecture): strict xfails, so a fix shows up as XPASS.
-TRACER_LEAK = ("a private array attribute (`self._freqs`) is in `model.state`, so under "
-               "mx.compile(inputs=model.state) the trace bakes in a compile tracer as a constant")
 NO_INIT = ("its Model.__init__ never calls nn.Module.__init__, so it has no `_training`, which "
            "fuse.py's _ModuleReader reads: the fused call raises AttributeError instead of running")
-KNOWN_BROKEN = {  # the tracer leak also hits hunyuan_v1_dense and talkie (in MORE: not trained here)
-    ("compiled_training", "nanochat"): TRACER_LEAK,
+KNOWN_BROKEN = {
     ("logits", "recurrent_gemma"): NO_INIT,
     ("quantized", "recurrent_gemma"): NO_INIT,
 }
@@ -390,9 +387,15 @@ def test_compiled_training_step(name):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.xfail(strict=True, reason="mx.export_function drops StopGradient (a no-op to MLX's compile "
-                   "simplification), so the replay differentiates through it: gradient 3 instead of 1")
-def test_known_bug_stop_gradient_survives_the_trace():
-    f = lambda x: (mx.stop_gradient(x * 2) + x).sum()
-    x = mx.ones((3,))
-    assert mx.array_equal(mx.grad(mlx_fusion.fuse(f))(x), mx.grad(f)(x))
+@pytest.mark.parametrize("compile", [True, False])
+def test_stop_gradient_is_never_differentiated_through(compile):
+    """mx.export_function drops StopGradient: a trace that meets a floating-point one is refused
+    (one warning), so the gradient is MLX's even when the rest would fuse (add + relu here)."""
+    f = lambda x, y: (mx.stop_gradient(x * 2) + nn.relu(x + y)).sum()  # noqa: E731
+    x, y = mx.array([1.0, -2.0, 3.0]), mx.ones((3,))
+    fused = mlx_fusion.fuse(f, compile=compile)
+    with pytest.warns(FusionFallbackWarning, match="stop_gradient"):
+        got = mx.grad(fused)(x, y)
+    assert mx.array_equal(got, mx.grad(f)(x, y))
+    ints = lambda x: (x * mx.stop_gradient(mx.argmax(x)).astype(x.dtype)).sum()  # noqa: E731
+    assert mx.array_equal(mx.grad(mlx_fusion.fuse(ints, compile=compile))(x), mx.grad(ints)(x))

@@ -464,3 +464,26 @@ def test_function_appending_to_a_global_list_runs_unfused():
     f(X)
     mx.eval(G_SEEN)
     assert len(G_SEEN) == 2
+
+
+def test_grad_of_a_top_level_parameter_after_the_original_was_differentiated():
+    """value_and_grad(model) leaves new arrays on the original; value_and_grad(fused) must still
+    differentiate the fused object's own (tracer) parameter, not take the original's back."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.head = mx.random.normal((3, 4), key=mx.random.key(5))
+
+        def __call__(self, x):
+            return self.body(x) @ self.head.T
+
+    model, x = Head(), mx.random.normal((2, 4), key=mx.random.key(6))
+    loss = lambda m, x: (m(x) ** 2).sum()  # noqa: E731
+    fused = fuse(model)
+    fused(x)
+    _, want = nn.value_and_grad(model, loss)(model, x)
+    _, got = nn.value_and_grad(fused, loss)(fused, x)
+    assert mx.allclose(got["head"], want["head"]).item() and mx.abs(want["head"]).max().item() > 0
+    model.head = mx.zeros((3, 4))  # a real change on the original is still taken over
+    assert mx.array_equal(fused(x), model(x)).item()

@@ -22,6 +22,8 @@ What a trace bakes in and what it refuses is in docs/never-wrong.md.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import types
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -113,9 +115,10 @@ def _export(flat_fn: Callable, flat_inputs: List[mx.array]) -> List[dict]:
     # Compiled primitive, which export cannot write: trace through it instead.
     enabled = _compile_enabled()
     items: List[dict] = []
+    stopped: List[str] = []
     try:
         mx.disable_compile()
-        with trace_scope():
+        with trace_scope(), _watch_stop_gradient(stopped):
             mx.export_function(items.append, flat_fn, *flat_inputs)
     except TraceError:
         raise
@@ -128,7 +131,33 @@ def _export(flat_fn: Callable, flat_inputs: List[mx.array]) -> List[dict]:
     finally:
         if enabled:
             mx.enable_compile()
+    if stopped:
+        raise TraceError(f"mx.stop_gradient of a {stopped[0]} array: mx.export_function drops StopGradient, so a "
+                         "replay would differentiate through it")
     return items
+
+
+_real_stop_gradient = mx.stop_gradient
+_watching = threading.local()
+
+
+def _stop_gradient(x, *args, **kwargs):
+    # Integer arrays carry no gradient (MoE routing indices), so dropping the node there changes nothing.
+    seen = getattr(_watching, "seen", None)
+    if seen is not None and isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.inexact):
+        seen.append(str(x.dtype).replace("mlx.core.", ""))
+    return _real_stop_gradient(x, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _watch_stop_gradient(seen: List[str]):
+    """Record, in this thread, every floating-point `mx.stop_gradient` the traced code calls."""
+    _watching.seen = seen
+    mx.stop_gradient = _stop_gradient  # stays installed: outside a watch it only forwards (threads may trace)
+    try:
+        yield
+    finally:
+        _watching.seen = None
 
 
 # The global key a trace runs with: a constant we recognise by value (a seed
