@@ -162,3 +162,14 @@ def test_inspect_accepts_an_mlx_lm_spec(capsys):
     code = main(["inspect", "mlx-lm:llama:hidden_size=32,intermediate_size=64,batch=1,seq=8", "--min-size", "1"])
     out, _ = capsys.readouterr()
     assert code == 0 and "candidates fused" in out and "model.layers.0.mlp" in out
+
+
+def test_bench_model_json_keeps_finished_mlx_lm_passes(tmp_path):
+    """bench --model mlx-lm:...: the JSON is rewritten after each pass (valid at every point)."""
+    from mlx_fusion.cli import main
+
+    out = tmp_path / "lm.json"
+    code = main(["bench", "--quick", "--model", "mlx-lm:llama:hidden_size=32,intermediate_size=64,batch=1,seq=8",
+                 "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert code == 0 and data["complete"] and data["measured"] == 12 == len(data["results"])

@@ -222,7 +222,7 @@ def _bench_model(args) -> int:
         with sigterm_interrupts(), progress(err) as bar, fusion_config(**overrides):
             task = bar.add_task("starting", total=total)
             if lm:
-                results = bench_lm(model, inputs[0], progress=step, **timing)
+                bench_lm(model, inputs[0], progress=step, on_result=row_done, **timing)
                 if running:
                     lines.finished(running.pop())
             else:

@@ -141,7 +141,8 @@ def _fusions(fn) -> Optional[int]:
 
 def bench_lm(model: nn.Module, tokens: mx.array, passes=PASSES, new_tokens: int = 16, prompt_len: int = 32,
              repeats: int = 5, warmup: int = 1, min_time_s: float = 0.5, calls_per_eval: int = 1,
-             progress: Optional[Callable[[str], None]] = None) -> List[dict]:
+             progress: Optional[Callable[[str], None]] = None,
+             on_result: Optional[Callable[[dict], None]] = None) -> List[dict]:
     """Prefill, decode and training step of an mlx-lm model for each of `VARIANTS`.
 
     Args:
@@ -155,6 +156,9 @@ def bench_lm(model: nn.Module, tokens: mx.array, passes=PASSES, new_tokens: int 
           before, a time budget per variant after which three rounds are enough, and prefill
           calls / training steps per evaluation (decode evaluates every token). The keywords
           of `mlx_fusion.benchmark.default_timing`, so ``**default_timing()`` fits.
+        progress (Callable, optional): called with "<pass> <variant>" as each setup starts.
+        on_result (Callable, optional): called with each row as soon as its pass is measured
+          (the CLI writes its JSON then, so an interrupted run keeps the finished passes).
 
     Returns:
         list[dict]: one row per (pass, variant); see the module docstring. A variant that
@@ -193,6 +197,8 @@ def bench_lm(model: nn.Module, tokens: mx.array, passes=PASSES, new_tokens: int 
         rows = [v.finish() for v in variants]
         _speedups(rows)
         results += rows
+        for row in rows if on_result else ():  # a pass's rows are done together (timed in rounds)
+            on_result(row)
     model.update(weights)
     return results
 
