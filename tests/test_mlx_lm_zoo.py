@@ -399,3 +399,8 @@ def test_stop_gradient_is_never_differentiated_through(compile):
     assert mx.array_equal(got, mx.grad(f)(x, y))
     ints = lambda x: (x * mx.stop_gradient(mx.argmax(x)).astype(x.dtype)).sum()  # noqa: E731
     assert mx.array_equal(mx.grad(mlx_fusion.fuse(ints, compile=compile))(x), mx.grad(ints)(x))
+    # mlx.nn's own max shift (log_softmax, cross_entropy) cancels out of the gradient: traced as usual
+    shifted = lambda x, y: (nn.log_softmax(x * y) + nn.relu(x + y)).sum()  # noqa: E731
+    fused_shifted = mlx_fusion.fuse(shifted, compile=compile)
+    assert mx.allclose(mx.grad(fused_shifted)(x, y), mx.grad(shifted)(x, y)).item()
+    assert fused_shifted.graphs and not fused_shifted.fallbacks

@@ -23,6 +23,7 @@ What a trace bakes in and what it refuses is in docs/never-wrong.md.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import types
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -142,9 +143,11 @@ _watching = threading.local()
 
 
 def _stop_gradient(x, *args, **kwargs):
-    # Integer arrays carry no gradient (MoE routing indices), so dropping the node there changes nothing.
+    # Dropping the node changes no gradient for integer arrays (MoE routing indices) nor in
+    # mlx.nn's own uses: the max shift of log_softmax / cross_entropy, which cancels out.
     seen = getattr(_watching, "seen", None)
-    if seen is not None and isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.inexact):
+    if (seen is not None and isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.inexact)
+            and not sys._getframe(1).f_globals.get("__name__", "").startswith("mlx.nn.")):
         seen.append(str(x.dtype).replace("mlx.core.", ""))
     return _real_stop_gradient(x, *args, **kwargs)
 
