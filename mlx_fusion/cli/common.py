@@ -157,20 +157,23 @@ def print_table(out, table, drop: Sequence[str] = ()) -> None:
 
 @contextlib.contextmanager
 def sigterm_interrupts():
-    """SIGTERM raises KeyboardInterrupt inside the block, so `kill PID` (or a CI timeout)
-    keeps what was measured like Ctrl-C does. A no-op off the main thread."""
+    """SIGTERM and SIGINT raise KeyboardInterrupt inside the block, so `kill PID` (or a CI
+    timeout) keeps what was measured like Ctrl-C does — also in a process that inherited
+    SIGINT as ignored (a job a non-interactive shell started in the background), where
+    Python would otherwise never raise it. A no-op off the main thread."""
     def handler(signum, frame):
         raise KeyboardInterrupt
 
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 class ProgressLines:
