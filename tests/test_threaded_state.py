@@ -10,20 +10,9 @@ import pytest
 
 pytest.importorskip("mlx_fusion.graph.optimizer")
 
-from mlx_fusion.config import FusionConfig  # noqa: E402
 from mlx_fusion.fuse import FusionFallbackWarning, fuse  # noqa: E402
 
-ALL = FusionConfig(min_tensor_size=0)
-X = mx.random.normal((4, 8), key=mx.random.key(0))
-
-
-def close(a, b, atol=1e-5):
-    assert a.dtype == b.dtype, (a.dtype, b.dtype)
-    np.testing.assert_allclose(np.array(a), np.array(b), atol=atol, rtol=1e-5)
-
-
-def fallback_warnings(caught):
-    return [str(w.message) for w in caught if issubclass(w.category, FusionFallbackWarning)]
+from tests._fuse_helpers import ALL, X, close, fallback_warnings  # noqa: E402
 
 
 # -- split: a module that cannot be traced whole runs its forward with fused children -----------

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from .. import kernels
-from .common import FUSED_DTYPES, f32, tangents_for
+from .common import FUSED_DTYPES, f32, with_reference_rules
 
 __all__ = ["fused_add_layer_norm", "add_layer_norm_reference"]
 
@@ -99,16 +99,7 @@ def _add_layer_primitive(has_weight: bool, has_bias: bool, eps: float):
             grads += (f32(dy2).sum(axis=0).astype(b.dtype),)
         return grads
 
-    @fused.jvp
-    def fused_jvp(primals, tangents):
-        return list(mx.jvp(parts, list(primals), tangents_for(primals, tangents))[1])
-
-    @fused.vmap
-    def fused_vmap(inputs, axes):
-        out = mx.vmap(parts, in_axes=tuple(axes))(*inputs)
-        return list(out), [0] * len(out)
-
-    return fused
+    return with_reference_rules(fused, parts, outputs=4)  # parts: the kernel's 4 outputs as MLX code
 
 
 def fused_add_layer_norm(x: mx.array, residual: mx.array, weight: Optional[mx.array] = None,

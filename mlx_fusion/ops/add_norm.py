@@ -29,7 +29,7 @@ from .. import kernels
 from ..kernels import KernelSpec
 from .add_layer_norm import add_layer_norm_reference, fused_add_layer_norm
 from .base import FusedOp, OpCase, Spelling, Workload
-from .common import FUSED_DTYPES, f32, tangents_for
+from .common import FUSED_DTYPES, f32, with_reference_rules
 
 __all__ = ["AddNorm", "fused_add_rms_norm", "add_rms_norm_reference", "fused_add_layer_norm",
            "add_layer_norm_reference", "DEFINITION"]
@@ -143,16 +143,7 @@ def _add_rms_primitive(has_weight: bool, eps: float):
             return dx, dx
         return dx, dx, weight_grad(dy2, h2, rstd, mx.zeros((), mx.float32)).astype(w.dtype)
 
-    @fused.jvp
-    def fused_jvp(primals, tangents):
-        return list(mx.jvp(parts, list(primals), tangents_for(primals, tangents))[1])
-
-    @fused.vmap
-    def fused_vmap(inputs, axes):
-        out = mx.vmap(parts, in_axes=tuple(axes))(*inputs)
-        return list(out), [0] * len(out)
-
-    return fused
+    return with_reference_rules(fused, parts, outputs=3)  # parts: the kernel's 3 outputs as MLX code
 
 
 def fused_add_rms_norm(x: mx.array, residual: mx.array, weight: Optional[mx.array] = None,

@@ -135,17 +135,20 @@ def tangents_for(primals, tangents) -> list:
     return [mx.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
 
 
-def with_reference_rules(fused, reference):
-    """jvp and vmap of a one-output fused primitive by MLX's own transforms of its
-    unfused reference: correct, not fused (forward-mode and batching are rare here)."""
+def with_reference_rules(fused, reference, outputs: int = 1):
+    """jvp and vmap of a fused primitive by MLX's own transforms of its unfused
+    reference (`outputs` results): correct, not fused (forward-mode and batching are
+    rare here)."""
 
     @fused.jvp
     def fused_jvp(primals, tangents):
-        return mx.jvp(reference, list(primals), tangents_for(primals, tangents))[1][0]
+        out = mx.jvp(reference, list(primals), tangents_for(primals, tangents))[1]
+        return out[0] if outputs == 1 else list(out)
 
     @fused.vmap
     def fused_vmap(inputs, axes):
-        return mx.vmap(reference, in_axes=tuple(axes))(*inputs), 0
+        out = mx.vmap(reference, in_axes=tuple(axes))(*inputs)
+        return (out, 0) if outputs == 1 else (list(out), [0] * outputs)
 
     return fused
 
