@@ -23,6 +23,7 @@ def on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
 
+@functools.lru_cache(maxsize=None)  # a property of the MLX build: asked on every fused call
 def gpu_backend() -> Optional[str]:
     """"metal" or "cuda": the GPU backend this MLX build has, else None."""
     if mx.metal.is_available():
@@ -33,9 +34,12 @@ def gpu_backend() -> Optional[str]:
     return None
 
 
+_GPU = mx.DeviceType.gpu
+
+
 def current_device_kind() -> str:
     """"metal", "cuda" or "cpu": where MLX's default device runs now."""
-    return (gpu_backend() or "cpu") if on_gpu() else "cpu"
+    return (gpu_backend() or "cpu") if mx.default_device().type == _GPU else "cpu"
 
 
 device_kind = current_device_kind  # the name the benchmark reports use

@@ -15,6 +15,7 @@ cheap, but MLX then compiles each template instantiation once and caches it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import threading
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ __all__ = [
     "kernel_backend",
     "get_kernel",
     "use_backend",
+    "backend_key",
+    "make_launch",
+    "cached_launch",
 ]
 
 
@@ -138,6 +142,16 @@ def kernel_backend() -> Optional[str]:
     return None if kind == "cpu" else kind
 
 
+def backend_key():
+    """What a cached launch is keyed by: None on the CPU path, else the backend ("metal",
+    "cuda") or, inside `use_backend`, the forced (backend, factory) pair."""
+    forced = getattr(_override, "backend", None)
+    if forced is not None:
+        return forced
+    kind = current_device_kind()
+    return None if kind == "cpu" else kind
+
+
 _cache: Dict[tuple, Callable] = {}
 _cache_lock = threading.Lock()
 
@@ -165,6 +179,36 @@ def get_kernel(name: str) -> Callable:
         with _cache_lock:
             _cache[key] = kernel
     return kernel
+
+
+# --- per-call launch arguments ---------------------------------------------------
+
+def make_launch(kernel, output_shapes, output_dtypes, grid, threadgroup, template) -> Callable:
+    """A kernel call with everything but its inputs bound: ``launch(inputs=[...]) -> outputs``.
+    Built once per (kernel, dtype, shape) by the ops, so a fused call recomputes nothing."""
+    return functools.partial(kernel, output_shapes=list(output_shapes), output_dtypes=list(output_dtypes),
+                             grid=grid, threadgroup=threadgroup, template=list(template))
+
+
+# Launches kept before the cache starts over: one per (kernel, dtype, shape) a model runs;
+# shapes that change every call (prefill lengths) would otherwise grow it without bound.
+LAUNCH_CACHE_SIZE = 4096
+_launches: Dict[tuple, Callable] = {}
+
+
+def cached_launch(backend, name: str, key, make: Callable[..., Callable], *args) -> Callable:
+    """The launch (`make_launch`) of kernel `name` for `key` (hashable: dtype, shapes) on
+    `backend` (`backend_key()`, the active one), made by ``make(get_kernel(name), *args)`` on
+    first use."""
+    ck = (backend, name, key)
+    launch = _launches.get(ck)
+    if launch is None:
+        launch = make(get_kernel(name), *args)
+        with _cache_lock:
+            if len(_launches) >= LAUNCH_CACHE_SIZE:
+                _launches.clear()
+            _launches[ck] = launch
+    return launch
 
 
 def backend_forced() -> bool:

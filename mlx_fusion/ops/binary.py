@@ -24,8 +24,8 @@ from ..kernels import KernelSpec
 from ..patterns import (Activation, BinaryActivation, BinaryOp, activation_reference, activation_spellings,
                         as_activation, as_binary_op)
 from .base import FusedOp, OpCase, Spelling
-from .common import (FUSED_DTYPES, activation_grad, as_number, binary_operand_grads, cpu_compile, f32, flat1d,
-                     is_fusable_dtype, promote, relu_grad_from_output, sum_to_shape, with_reference_rules)
+from .common import (FUSED_DTYPES, activation_grad, as_number, binary_operand_grads, cpu_compile, elementwise_launch,
+                     f32, flat1d, is_fusable_dtype, promote, relu_grad_from_output, sum_to_shape, with_reference_rules)
 from .scalar import _params, _run, launch_scalar_backward
 
 __all__ = ["fused_binary", "binary_reference", "launch_binary", "launch_binary_backward", "DEFINITION"]
@@ -116,14 +116,21 @@ def _binary_primitive(op: BinaryOp, act: Activation, relu_at_zero: float = 0.0):
             return dz.astype(a.dtype), None
         return tuple(d.astype(a.dtype) for d in binary_operand_grads(op, dz, a32, b32))
 
+    mode = _mode(op, act)
+
     @mx.custom_function
     def fused(a, b):
-        if kernels.kernel_backend() is None:
+        backend = kernels.backend_key()
+        if backend is None:
             return cpu_forward(a, b)
         # stop_gradient keeps MLX's jvp from tracing into the kernel (which has
         # no jvp of its own); this function's custom rules stand for it.
-        return launch_binary(op, act, mx.stop_gradient(a), mx.stop_gradient(b),
-                             mx.broadcast_shapes(a.shape, b.shape))
+        a, b = mx.stop_gradient(a), mx.stop_gradient(b)
+        if a.shape == b.shape and a.ndim:  # the common call: one launch made per (dtype, shape)
+            launch = kernels.cached_launch(backend, "binary_activation", (a.dtype, a.shape), elementwise_launch,
+                                           a.dtype, (a.shape,), a.size)
+            return launch(inputs=[a, b, mode])[0]
+        return launch_binary(op, act, a, b, mx.broadcast_shapes(a.shape, b.shape))
 
     # add/sub + ReLU: relu'(a op b) is read off the output (z > 0 exactly where
     # y > 0), so the backward reads y and g instead of a, b and g. Not with
@@ -174,14 +181,22 @@ def fused_binary(
     Returns:
         array: the same values as the unfused ``act(a op b)`` in MLX.
     """
-    op, act = as_binary_op(op), as_activation(activation)
+    # Fast path (the common call): two arrays of one shape and one fusable dtype, with
+    # arguments seen before (their primitive is looked up by the arguments as passed).
+    if type(a) is mx.array and type(b) is mx.array and a.shape == b.shape and a.dtype == b.dtype:
+        try:
+            prim = _SEEN.get((op, activation, relu_at_zero))
+        except TypeError:  # an unhashable argument: the checks below judge it
+            prim = None
+        if prim is not None and a.dtype in FUSABLE and a.size and not tracing():
+            return prim(a, b)
+    op_, act = as_binary_op(op), as_activation(activation)
     if tracing():  # inside a fuse() trace: plain MLX ops, which the trace can capture and re-match
-        return binary_reference(a, b, op, act, relu_at_zero)
-    # Fast path (the common call): two arrays of one fusable dtype.
-    if type(a) is mx.array and type(b) is mx.array and a.dtype == b.dtype and a.dtype in FUSABLE:
-        shape = a.shape if a.shape == b.shape else None
-        if shape is not None and a.size:
-            return _binary_primitive(op, act, float(relu_at_zero))(a, b)
+        return binary_reference(a, b, op_, act, relu_at_zero)
+    prim = _binary_primitive(op_, act, float(relu_at_zero))
+    if len(_SEEN) < _SEEN_SIZE:
+        _SEEN[(op, activation, relu_at_zero)] = prim
+    op = op_
     # A Python or NumPy number is weakly typed: it takes the other operand's float dtype.
     # Anything else that is not two float arrays (ints, bools, NumPy arrays, two numbers)
     # runs the unfused expression: MLX's own promotion, result and errors.
@@ -205,7 +220,12 @@ def fused_binary(
         a = a.astype(dtype)
     if b.dtype != dtype:
         b = b.astype(dtype)
-    return _binary_primitive(op, act, float(relu_at_zero))(a, b)
+    return prim(a, b)
+
+
+# (op, activation, relu_at_zero) as callers pass them -> their primitive; a few dozen in practice.
+_SEEN: dict = {}
+_SEEN_SIZE = 256
 
 
 # --- the definition ----------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..kernels import make_launch
 from ..patterns import Activation, BinaryOp
 
 FUSED_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -63,6 +64,13 @@ def launch_geometry(n: int, dtype: mx.Dtype):
     if threads >= 2**31:
         raise ValueError(f"array of {n} elements is too large for one kernel launch")
     return (threads, 1, 1), (THREADGROUP, 1, 1)
+
+
+def elementwise_launch(kernel, dtype: mx.Dtype, output_shapes: tuple, n: int):
+    """The launch (`kernels.make_launch`) of an elementwise kernel over n elements whose outputs
+    all have `dtype`."""
+    grid, group = launch_geometry(n, dtype)
+    return make_launch(kernel, output_shapes, [dtype] * len(output_shapes), grid, group, [("T", dtype)])
 
 
 def sum_to_shape(x: mx.array, shape: Sequence[int]) -> mx.array:

@@ -25,7 +25,7 @@ from ..kernels import KernelSpec
 from ..patterns import (Activation, ScalarActivation, ScalarOp, activation_reference, activation_spellings,
                         as_activation)
 from .base import FusedOp, OpCase, Spelling
-from .common import activation_grad, as_number, cpu_compile, f32, is_fusable_dtype, launch_geometry, promote, \
+from .common import activation_grad, as_number, cpu_compile, elementwise_launch, f32, is_fusable_dtype, promote, \
     with_reference_rules
 
 __all__ = ["fused_scalar", "scalar_reference", "launch_scalar", "launch_scalar_backward", "DEFINITION"]
@@ -39,16 +39,11 @@ def scalar_reference(x, scale=1.0, shift=0.0, activation="relu", relu_at_zero: f
 
 
 def _run(name: str, inputs, output_shapes, dtype: mx.Dtype, n: int):
-    """Launch kernel `name` over n elements; every output has the compute dtype."""
-    grid, group = launch_geometry(n, dtype)
-    return kernels.get_kernel(name)(
-        inputs=inputs,
-        output_shapes=output_shapes,
-        output_dtypes=[dtype] * len(output_shapes),
-        grid=grid,
-        threadgroup=group,
-        template=[("T", dtype)],
-    )
+    """Launch kernel `name` over n elements; every output has the compute dtype. The launch's
+    fixed arguments are made once per (kernel, dtype, output shapes)."""
+    shapes = tuple(output_shapes)
+    launch = kernels.cached_launch(kernels.backend_key(), name, (dtype, shapes, n), elementwise_launch, dtype, shapes, n)
+    return launch(inputs=inputs)
 
 
 # --- act(x * scale + shift) ------------------------------------------------------
