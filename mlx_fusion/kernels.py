@@ -36,7 +36,7 @@ __all__ = [
     "use_backend",
     "backend_key",
     "make_launch",
-    "cached_launch",
+    "LaunchCache",
 ]
 
 
@@ -190,25 +190,28 @@ def make_launch(kernel, output_shapes, output_dtypes, grid, threadgroup, templat
                              grid=grid, threadgroup=threadgroup, template=list(template))
 
 
-# Launches kept before the cache starts over: one per (kernel, dtype, shape) a model runs;
+# Launches a cache keeps before it starts over: one per (backend, dtype, shape) a model runs;
 # shapes that change every call (prefill lengths) would otherwise grow it without bound.
-LAUNCH_CACHE_SIZE = 4096
-_launches: Dict[tuple, Callable] = {}
+LAUNCH_CACHE_SIZE = 1024
 
 
-def cached_launch(backend, name: str, key, make: Callable[..., Callable], *args) -> Callable:
-    """The launch (`make_launch`) of kernel `name` for `key` (hashable: dtype, shapes) on
-    `backend` (`backend_key()`, the active one), made by ``make(get_kernel(name), *args)`` on
-    first use."""
-    ck = (backend, name, key)
-    launch = _launches.get(ck)
-    if launch is None:
-        launch = make(get_kernel(name), *args)
+class LaunchCache(dict):
+    """The launches (`make_launch`) of one kernel, by ``(backend_key(), *args)``: a hit is one
+    dict lookup; a miss makes ``make(get_kernel(name), *args)``."""
+
+    __slots__ = ("name", "make")
+
+    def __init__(self, name: str, make: Callable[..., Callable]):
+        super().__init__()
+        self.name, self.make = name, make
+
+    def __missing__(self, key):
+        launch = self.make(get_kernel(self.name), *key[1:])
         with _cache_lock:
-            if len(_launches) >= LAUNCH_CACHE_SIZE:
-                _launches.clear()
-            _launches[ck] = launch
-    return launch
+            if len(self) >= LAUNCH_CACHE_SIZE:
+                self.clear()
+            self[key] = launch
+        return launch
 
 
 def backend_forced() -> bool:

@@ -73,16 +73,29 @@ def _eps_array(eps: float) -> mx.array:
     return e
 
 
-def launch_add_rms_norm(x2, r2, w, eps: float):
-    """(h, y, rstd) for row-contiguous (rows, D) x2, r2 and w (D,) or None, in one kernel."""
-    rows, d = x2.shape
+def _add_rms_launch(kernel, dtype, shape, has_weight: bool):
+    rows, d = _prod(shape[:-1]), shape[-1]
     tg = _threads(d)
-    return kernels.get_kernel("add_rms_norm")(
-        inputs=[x2, r2, w if w is not None else x2, _eps_array(eps)],
-        output_shapes=[(rows, d), (rows, d), (rows,)],
-        output_dtypes=[x2.dtype, x2.dtype, mx.float32],
-        grid=(rows * tg, 1, 1), threadgroup=(tg, 1, 1),
-        template=[("T", x2.dtype), ("HAS_WEIGHT", w is not None)])
+    return kernels.make_launch(kernel, [shape, shape, (rows,)], [dtype, dtype, mx.float32], (rows * tg, 1, 1),
+                               (tg, 1, 1), [("T", dtype), ("HAS_WEIGHT", has_weight)])
+
+
+def _prod(shape) -> int:
+    n = 1
+    for v in shape:
+        n *= v
+    return n
+
+
+def launch_add_rms_norm(x, r, w, eps: float):
+    """(h, y, rstd) for row-contiguous (..., D) x, r and w (D,) or None, in one kernel: h and y
+    of x's shape (the kernels read only the last dimension, so no reshape nodes), rstd (rows,).
+    The launch is made once per (backend, dtype, shape, weight)."""
+    launch = _LAUNCHES[(kernels.backend_key(), x.dtype, x.shape, w is not None)]
+    return launch(inputs=[x, r, w if w is not None else x, _eps_array(eps)])
+
+
+_LAUNCHES = kernels.LaunchCache("add_rms_norm", _add_rms_launch)  # (backend, dtype, shape, has weight)
 
 
 def launch_add_rms_norm_backward(h2, w, rstd, dy2, dh2):
@@ -120,13 +133,14 @@ def _add_rms_primitive(has_weight: bool, eps: float):
         h = x + r
         return h, mx.fast.rms_norm(h, w[0] if w else None, eps), _rstd(h, eps).reshape(-1)
 
+    e = _eps_array(eps)
+
     @mx.custom_function
     def fused(x, r, *w):
         # stop_gradient: MLX's jvp must not trace into the kernel; this function's rules stand for it.
-        x, r, *w = (mx.stop_gradient(t) for t in (x, r, *w))
-        d = x.shape[-1]
-        h, y, rstd = launch_add_rms_norm(x.reshape(-1, d), r.reshape(-1, d), w[0] if w else None, eps)
-        return h.reshape(x.shape), y.reshape(x.shape), rstd
+        x, r = mx.stop_gradient(x), mx.stop_gradient(r)
+        w = mx.stop_gradient(w[0]) if has_weight else x
+        return _LAUNCHES[(kernels.backend_key(), x.dtype, x.shape, has_weight)](inputs=[x, r, w, e])
 
     @fused.vjp
     def fused_vjp(primals, cotangents, outputs):
@@ -161,17 +175,19 @@ def fused_add_rms_norm(x: mx.array, residual: mx.array, weight: Optional[mx.arra
         (other shapes, dtypes, broadcasting, empty arrays) runs the unfused code, with MLX's
         own result or error.
     """
-    arrays = [x, residual] + ([weight] if weight is not None else [])
-    ok = (all(isinstance(t, mx.array) for t in arrays) and x.ndim >= 1 and x.size > 0
-          and residual.shape == x.shape and x.dtype in FUSED_DTYPES
-          and all(t.dtype == x.dtype for t in arrays)
-          and (weight is None or weight.shape == (x.shape[-1],)))
-    if not ok or kernels.kernel_backend() is None:
-        # The CPU: MLX's own code is the fused op. Its rms_norm is already one op there, and a
-        # custom primitive measured slower than it (docs/add-norm.md), so nothing is replaced.
-        return add_rms_norm_reference(x, residual, weight, eps)
-    out = _add_rms_primitive(weight is not None, float(eps))(*arrays)
-    return out[0], out[1]
+    if (type(x) is mx.array and type(residual) is mx.array and x.shape == residual.shape
+            and x.dtype == residual.dtype and x.dtype in FUSED_DTYPES and x.ndim and x.size
+            and (weight is None or (type(weight) is mx.array and weight.dtype == x.dtype
+                                    and weight.shape == x.shape[-1:]))
+            and kernels.kernel_backend() is not None):
+        if weight is None:
+            out = _add_rms_primitive(False, float(eps))(x, residual)
+        else:
+            out = _add_rms_primitive(True, float(eps))(x, residual, weight)
+        return out[0], out[1]
+    # The CPU: MLX's own code is the fused op. Its rms_norm is already one op there, and a
+    # custom primitive measured slower than it (docs/add-norm.md), so nothing is replaced.
+    return add_rms_norm_reference(x, residual, weight, eps)
 
 
 # --- the definition ----------------------------------------------------------------

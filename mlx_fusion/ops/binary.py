@@ -24,8 +24,9 @@ from ..kernels import KernelSpec
 from ..patterns import (Activation, BinaryActivation, BinaryOp, activation_reference, activation_spellings,
                         as_activation, as_binary_op)
 from .base import FusedOp, OpCase, Spelling
-from .common import (FUSED_DTYPES, activation_grad, as_number, binary_operand_grads, cpu_compile, elementwise_launch,
-                     f32, flat1d, is_fusable_dtype, promote, relu_grad_from_output, sum_to_shape, with_reference_rules)
+from .common import (FUSED_DTYPES, activation_grad, as_number, binary_operand_grads, cpu_compile, f32, flat1d,
+                     is_fusable_dtype, promote, relu_grad_from_output, same_shape_launch, sum_to_shape,
+                     with_reference_rules)
 from .scalar import _params, _run, launch_scalar_backward
 
 __all__ = ["fused_binary", "binary_reference", "launch_binary", "launch_binary_backward", "DEFINITION"]
@@ -92,6 +93,9 @@ def _mode(op: BinaryOp, act: Activation) -> mx.array:
     return m
 
 
+_LAUNCHES = kernels.LaunchCache("binary_activation", same_shape_launch)  # same-shape a, b: (backend, dtype, shape)
+
+
 @lru_cache(maxsize=None)
 def _binary_primitive(op: BinaryOp, act: Activation, relu_at_zero: float = 0.0):
     fn = activation_reference(act, relu_at_zero)
@@ -126,11 +130,10 @@ def _binary_primitive(op: BinaryOp, act: Activation, relu_at_zero: float = 0.0):
         # stop_gradient keeps MLX's jvp from tracing into the kernel (which has
         # no jvp of its own); this function's custom rules stand for it.
         a, b = mx.stop_gradient(a), mx.stop_gradient(b)
-        if a.shape == b.shape and a.ndim:  # the common call: one launch made per (dtype, shape)
-            launch = kernels.cached_launch(backend, "binary_activation", (a.dtype, a.shape), elementwise_launch,
-                                           a.dtype, (a.shape,), a.size)
-            return launch(inputs=[a, b, mode])[0]
-        return launch_binary(op, act, a, b, mx.broadcast_shapes(a.shape, b.shape))
+        shape = a.shape
+        if shape == b.shape and shape:  # the common call: one launch made per (dtype, shape)
+            return _LAUNCHES[(backend, a.dtype, shape)](inputs=[a, b, mode])[0]
+        return launch_binary(op, act, a, b, mx.broadcast_shapes(shape, b.shape))
 
     # add/sub + ReLU: relu'(a op b) is read off the output (z > 0 exactly where
     # y > 0), so the backward reads y and g instead of a, b and g. Not with
@@ -183,12 +186,14 @@ def fused_binary(
     """
     # Fast path (the common call): two arrays of one shape and one fusable dtype, with
     # arguments seen before (their primitive is looked up by the arguments as passed).
-    if type(a) is mx.array and type(b) is mx.array and a.shape == b.shape and a.dtype == b.dtype:
+    if type(a) is mx.array and type(b) is mx.array:
         try:
             prim = _SEEN.get((op, activation, relu_at_zero))
         except TypeError:  # an unhashable argument: the checks below judge it
             prim = None
-        if prim is not None and a.dtype in FUSABLE and a.size and not tracing():
+        dtype = a.dtype
+        if (prim is not None and a.shape == b.shape and dtype == b.dtype and dtype in FUSABLE and a.size
+                and not tracing()):
             return prim(a, b)
     op_, act = as_binary_op(op), as_activation(activation)
     if tracing():  # inside a fuse() trace: plain MLX ops, which the trace can capture and re-match

@@ -73,6 +73,14 @@ def elementwise_launch(kernel, dtype: mx.Dtype, output_shapes: tuple, n: int):
     return make_launch(kernel, output_shapes, [dtype] * len(output_shapes), grid, group, [("T", dtype)])
 
 
+def same_shape_launch(kernel, dtype: mx.Dtype, shape: tuple, outputs: int = 1):
+    """`elementwise_launch` of a kernel whose outputs have the input's shape (and dtype)."""
+    n = 1
+    for d in shape:
+        n *= d
+    return elementwise_launch(kernel, dtype, (shape,) * outputs, n)
+
+
 def sum_to_shape(x: mx.array, shape: Sequence[int]) -> mx.array:
     """Sum a full-shape gradient over the dimensions that were broadcast."""
     shape = tuple(shape)

@@ -28,7 +28,7 @@ from .. import kernels
 from ..kernels import KernelSpec
 from ..patterns import Activation, GatedActivation, as_activation
 from .base import FusedOp, OpCase, Spelling
-from .common import FUSED_DTYPES, activation_grad, cpu_compile, f32, with_reference_rules
+from .common import FUSED_DTYPES, activation_grad, cpu_compile, f32, same_shape_launch, with_reference_rules
 from .scalar import _run
 
 __all__ = ["fused_glu", "glu_reference", "launch_glu", "launch_glu_backward", "GLU_ACTIVATIONS", "DEFINITION"]
@@ -100,6 +100,9 @@ def _cpu_glu(act: Activation):
     return cpu_compile(lambda g, u: act.reference(g) * u, act)
 
 
+_LAUNCHES = kernels.LaunchCache("glu", same_shape_launch)  # (backend, dtype, shape)
+
+
 @lru_cache(maxsize=None)
 def _glu_primitive(act: Activation):
     fn = act.reference
@@ -118,12 +121,18 @@ def _glu_primitive(act: Activation):
         du = d32 * fn(g32)
         return dg.astype(g.dtype), du.astype(g.dtype)
 
+    mode = _mode(act)
+
     @mx.custom_function
     def fused(g, u):
-        if kernels.kernel_backend() is None:
+        backend = kernels.backend_key()
+        if backend is None:
             return cpu_forward(g, u)
         # stop_gradient: MLX's jvp must not trace into the kernel (see binary.py).
-        return launch_glu(act, mx.stop_gradient(g), mx.stop_gradient(u))
+        g, u = mx.stop_gradient(g), mx.stop_gradient(u)
+        if g.ndim:  # the common call: one launch made per (dtype, shape), no views
+            return _LAUNCHES[(backend, g.dtype, g.shape)](inputs=[g, u, mode])[0]
+        return launch_glu(act, g, u)
 
     @fused.vjp
     def fused_vjp(primals, cotangent, output):
@@ -150,13 +159,23 @@ def fused_glu(g: mx.array, u: mx.array, activation: Union[str, Activation] = "si
         different shapes or dtypes, non-float dtypes and empty arrays run unfused; on
         the CPU it is MLX's own expression under ``mx.compile`` (docs/llm-ops.md).
     """
-    act = _gate(activation)
-    if (isinstance(g, mx.array) and isinstance(u, mx.array) and g.dtype == u.dtype
-            and g.dtype in FUSED_DTYPES and g.shape == u.shape and g.size):
-        if kernels.kernel_backend() is None:
-            return _cpu_glu(act)(g, u)
-        return _glu_primitive(act)(g, u)
-    return glu_reference(g, u, act)
+    try:
+        fns = _SEEN.get(activation)
+    except TypeError:  # unhashable: _gate says what is wrong with it
+        fns = None
+    if fns is None:
+        act = _gate(activation)
+        fns = (_cpu_glu(act), _glu_primitive(act), act)
+        if len(_SEEN) < 64:
+            _SEEN[activation] = fns
+    if (isinstance(g, mx.array) and isinstance(u, mx.array) and g.shape == u.shape and g.dtype == u.dtype
+            and g.dtype in FUSED_DTYPES and g.size):
+        return fns[0](g, u) if kernels.kernel_backend() is None else fns[1](g, u)
+    return glu_reference(g, u, fns[2])
+
+
+# activation as passed -> (CPU function, GPU primitive, Activation): looked up once per call.
+_SEEN: dict = {}
 
 
 # --- the definition --------------------------------------------------------------------

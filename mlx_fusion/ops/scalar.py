@@ -25,8 +25,8 @@ from ..kernels import KernelSpec
 from ..patterns import (Activation, ScalarActivation, ScalarOp, activation_reference, activation_spellings,
                         as_activation)
 from .base import FusedOp, OpCase, Spelling
-from .common import activation_grad, as_number, cpu_compile, elementwise_launch, f32, is_fusable_dtype, promote, \
-    with_reference_rules
+from .common import (FUSED_DTYPES, activation_grad, as_number, cpu_compile, elementwise_launch, f32, is_fusable_dtype,
+                     promote, same_shape_launch, with_reference_rules)
 
 __all__ = ["fused_scalar", "scalar_reference", "launch_scalar", "launch_scalar_backward", "DEFINITION"]
 
@@ -41,9 +41,14 @@ def scalar_reference(x, scale=1.0, shift=0.0, activation="relu", relu_at_zero: f
 def _run(name: str, inputs, output_shapes, dtype: mx.Dtype, n: int):
     """Launch kernel `name` over n elements; every output has the compute dtype. The launch's
     fixed arguments are made once per (kernel, dtype, output shapes)."""
-    shapes = tuple(output_shapes)
-    launch = kernels.cached_launch(kernels.backend_key(), name, (dtype, shapes, n), elementwise_launch, dtype, shapes, n)
-    return launch(inputs=inputs)
+    launches = _RUN.get(name)
+    if launches is None:
+        launches = _RUN.setdefault(name, kernels.LaunchCache(name, elementwise_launch))
+    return launches[(kernels.backend_key(), dtype, tuple(output_shapes), n)](inputs=inputs)
+
+
+_RUN: dict = {}  # kernel name -> its LaunchCache for `_run`
+_SCALAR = kernels.LaunchCache("scalar_activation", same_shape_launch)
 
 
 # --- act(x * scale + shift) ------------------------------------------------------
@@ -80,7 +85,8 @@ def launch_scalar_backward(x: mx.array, p: mx.array, g: mx.array) -> mx.array:
 
 
 @lru_cache(maxsize=None)
-def _scalar_primitive(act: Activation, relu_at_zero: float = 0.0):
+def _scalar_primitive(act: Activation, relu_at_zero: float = 0.0, stop_p: bool = False):
+    """stop_p: p is computed from the caller's scale/shift arrays (not a cached constant)."""
     fn = activation_reference(act, relu_at_zero)
 
     def reference(x, p):
@@ -94,9 +100,15 @@ def _scalar_primitive(act: Activation, relu_at_zero: float = 0.0):
 
     @mx.custom_function
     def fused(x, p):
-        if kernels.kernel_backend() is None:
+        backend = kernels.backend_key()
+        if backend is None:
             return cpu_forward(x, p)
-        return launch_scalar(mx.stop_gradient(x), p)  # see _binary_primitive
+        x = mx.stop_gradient(x)  # see _binary_primitive
+        if stop_p:  # p made from the caller's arrays: a jvp must not reach the kernel through it either
+            p = mx.stop_gradient(p)
+        if x.ndim:  # the common call: one launch made per (dtype, shape)
+            return _SCALAR[(backend, x.dtype, x.shape)](inputs=[x, p])[0]
+        return launch_scalar(x, p)
 
     @fused.vjp
     def fused_vjp(primals, cotangent, output):
@@ -152,9 +164,20 @@ def fused_scalar(
         relu_at_zero (float): ReLU's derivative at exactly 0: ``0.0`` as ``nn.relu``,
             ``1.0`` as ``mx.maximum(0, z)``. Default: ``0.0``.
     """
+    # Fast path (the common call): an array of a fusable dtype and two Python floats, with an
+    # activation seen before (its primitive is looked up by the arguments as passed).
+    if type(x) is mx.array and type(scale) is float and type(shift) is float:
+        try:
+            seen = _SEEN.get((activation, relu_at_zero))
+        except TypeError:  # an unhashable argument: the checks below judge it
+            seen = None
+        if seen is not None and x.dtype in FUSABLE and x.size and not tracing():
+            return seen[0](x, _params(scale, shift, seen[1]))
     act = as_activation(activation)
     if tracing():  # inside a fuse() trace: plain MLX ops, which the trace can capture and re-match
         return scalar_reference(x, scale, shift, act, relu_at_zero)
+    if len(_SEEN) < 256:
+        _SEEN[(activation, relu_at_zero)] = (_scalar_primitive(act, float(relu_at_zero)), act)
     if not isinstance(x, mx.array):
         x = mx.array(x)
     s, t = _check_number("scale", scale), _check_number("shift", shift)
@@ -174,9 +197,14 @@ def fused_scalar(
         p = mx.concatenate([scale_a.reshape(1).astype(mx.float32), shift_a.reshape(1).astype(mx.float32),
                             _params(0.0, 0.0, act)[2:]])
         xk = x.astype(dtype) if x.dtype != dtype else x
-        y = _scalar_primitive(act, float(relu_at_zero))(xk, p)
+        y = _scalar_primitive(act, float(relu_at_zero), True)(xk, p)
         return y.reshape(out_shape) if tuple(y.shape) != tuple(out_shape) else y
     return _scalar_primitive(act, float(relu_at_zero))(x, _params(s, t, act))
+
+
+# (activation, relu_at_zero) as callers pass them -> (primitive, Activation).
+_SEEN: dict = {}
+FUSABLE = frozenset(FUSED_DTYPES)
 
 
 # --- the definition ----------------------------------------------------------------
