@@ -53,6 +53,9 @@ class KernelSpec:
     dtypes: the values of the template type T the ops instantiate.
     templates: the other template arguments the ops pass, each with every value
     it takes, so the source tests compile every instantiation.
+    shared_header: False for a kernel that uses nothing of common.metal / common.cu: it is
+    built with the header's #include lines only (MLX hashes the whole source on every
+    launch, so an unused header costs time per call).
     """
 
     name: str
@@ -62,6 +65,7 @@ class KernelSpec:
     ensure_row_contiguous: bool = False
     dtypes: Tuple[str, ...] = ("float32", "float16", "bfloat16")
     templates: Tuple[Tuple[str, Tuple], ...] = ()
+    shared_header: bool = True
 
     def instantiations(self):
         """Every template argument list the ops can pass: [("T", dtype), (name, value), ...]."""
@@ -113,15 +117,41 @@ def _source_dir() -> Path:
 
 @lru_cache(maxsize=None)
 def _read(filename: str) -> str:
-    return (_source_dir() / filename).read_text()
+    return compact((_source_dir() / filename).read_text())
+
+
+def compact(source: str) -> str:
+    """`source` without its blank and comment-only lines; every other line is kept as written.
+
+    MLX hashes a kernel's whole source (header included) on every launch, and the CUDA
+    backend also copies it into every call's primitive: the comments would cost time per
+    call. Lines inside a macro (after a line ending in a backslash) and comment lines that
+    end in one are kept: the preprocessor splices them before it drops comments.
+    """
+    out, spliced = [], False
+    for line in source.splitlines():
+        text = line.strip()
+        continues = line.endswith("\\")
+        if spliced or continues or (text and not text.startswith("//")):
+            out.append(line)
+        spliced = continues
+    return "\n".join(out) + "\n"
+
+
+def _include_lines(header: str) -> str:
+    return "".join(line + "\n" for line in header.splitlines() if line.startswith("#include"))
 
 
 def kernel_source(name: str, backend: str) -> Tuple[str, str]:
-    """(header, body) of kernel `name` for backend "metal" or "cuda"."""
+    """(header, body) of kernel `name` for backend "metal" or "cuda", compacted (`compact`).
+    A kernel whose spec says it uses no shared function gets only the header's #include lines."""
     ext = {"metal": "metal", "cuda": "cu"}[backend]
     if name not in KERNEL_SPECS:
         raise KeyError(f"unknown kernel {name!r}")
-    return _read(f"common.{ext}"), _read(f"{name}.{ext}")
+    header = _read(f"common.{ext}")
+    if not KERNEL_SPECS[name].shared_header:
+        header = _include_lines(header)
+    return header, _read(f"{name}.{ext}")
 
 
 # --- backend selection ---------------------------------------------------------

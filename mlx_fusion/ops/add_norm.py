@@ -325,16 +325,17 @@ DEFINITION = FusedOp(
         # h = x + r, y = rms_norm(h, w, e[0]) and rstd per row; one threadgroup/block per row of
         # x (rows, D). w is read only when HAS_WEIGHT; e is eps (float32, one element).
         KernelSpec("add_rms_norm", ("x", "r", "w", "e"), ("h", "y", "rstd"), elementwise=False,
-                   ensure_row_contiguous=True, templates=(("HAS_WEIGHT", (False, True)),)),
+                   ensure_row_contiguous=True, shared_header=False, templates=(("HAS_WEIGHT", (False, True)),)),
         # dx = dh + rstd * (g - n * mean(g * n)), g = dy * w, n = h * rstd; one block per row.
         KernelSpec("add_rms_norm_backward", ("h", "w", "rstd", "dy", "dh"), ("dx",), elementwise=False,
-                   ensure_row_contiguous=True, templates=(("HAS_WEIGHT", (False, True)),)),
+                   ensure_row_contiguous=True, shared_header=False, templates=(("HAS_WEIGHT", (False, True)),)),
         # h = x + r, y = layer_norm(h, w, b, e[0]), mean and rstd per row; as add_rms_norm.
         KernelSpec("add_layer_norm", ("x", "r", "w", "b", "e"), ("h", "y", "mean", "rstd"), elementwise=False,
-                   ensure_row_contiguous=True, templates=(("HAS_WEIGHT", (False, True)), ("HAS_BIAS", (False, True)))),
+                   ensure_row_contiguous=True, shared_header=False,
+                   templates=(("HAS_WEIGHT", (False, True)), ("HAS_BIAS", (False, True)))),
         # dx = dh + rstd * (g - mean(g) - n * mean(g * n)), g = dy * w, n = (h - mean) * rstd.
         KernelSpec("add_layer_norm_backward", ("h", "w", "mean", "rstd", "dy", "dh"), ("dx",), elementwise=False,
-                   ensure_row_contiguous=True, templates=(("HAS_WEIGHT", (False, True)),)),
+                   ensure_row_contiguous=True, shared_header=False, templates=(("HAS_WEIGHT", (False, True)),)),
     ),
     doc="h = x + r; y = rms_norm(h, w, eps) or layer_norm(h, w, b, eps): FusedAddNorm(x, r, w[, b]) -> (h, y), "
         "params {pattern, eps}.")
