@@ -199,7 +199,7 @@ def fused_binary(
     if tracing():  # inside a fuse() trace: plain MLX ops, which the trace can capture and re-match
         return binary_reference(a, b, op_, act, relu_at_zero)
     prim = _binary_primitive(op_, act, float(relu_at_zero))
-    if len(_SEEN) < _SEEN_SIZE:
+    if len(_SEEN) < _SEEN_SIZE and type(relu_at_zero) in (float, int):  # not arrays: hashed by identity
         _SEEN[(op, activation, relu_at_zero)] = prim
     op = op_
     # A Python or NumPy number is weakly typed: it takes the other operand's float dtype.

@@ -176,7 +176,7 @@ def fused_scalar(
     act = as_activation(activation)
     if tracing():  # inside a fuse() trace: plain MLX ops, which the trace can capture and re-match
         return scalar_reference(x, scale, shift, act, relu_at_zero)
-    if len(_SEEN) < 256:
+    if len(_SEEN) < 256 and type(relu_at_zero) in (float, int):  # not arrays: hashed by identity
         _SEEN[(activation, relu_at_zero)] = (_scalar_primitive(act, float(relu_at_zero)), act)
     if not isinstance(x, mx.array):
         x = mx.array(x)
