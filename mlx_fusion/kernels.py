@@ -37,6 +37,7 @@ __all__ = [
     "backend_key",
     "make_launch",
     "LaunchCache",
+    "clear_launches",
 ]
 
 
@@ -234,6 +235,7 @@ class LaunchCache(dict):
     def __init__(self, name: str, make: Callable[..., Callable]):
         super().__init__()
         self.name, self.make = name, make
+        _LAUNCH_CACHES.append(self)
 
     def __missing__(self, key):
         launch = self.make(get_kernel(self.name), *key[1:])
@@ -242,6 +244,17 @@ class LaunchCache(dict):
                 self.clear()
             self[key] = launch
         return launch
+
+
+_LAUNCH_CACHES: list = []
+
+
+def clear_launches() -> None:
+    """Forget every cached launch: the next call of each kernel asks `get_kernel` again (for
+    code that wraps `get_kernel` to see which kernels run, e.g. the tests)."""
+    with _cache_lock:
+        for cache in _LAUNCH_CACHES:
+            cache.clear()
 
 
 def backend_forced() -> bool:

@@ -243,11 +243,13 @@ def kernel_launches(fn, args) -> list:
     own elementwise code on a GPU, see ops/linear.py; on the CPU nothing does.)"""
     launched = []
     real = kernels.get_kernel
+    kernels.clear_launches()  # cached launches hold their kernel: make every launch ask again
     kernels.get_kernel = lambda name: launched.append(name) or real(name)
     try:
         mx.eval(fn(*args))
     finally:
         kernels.get_kernel = real
+        kernels.clear_launches()
     return launched
 
 

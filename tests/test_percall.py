@@ -134,3 +134,14 @@ def test_percall_profile_runs_on_the_cpu(tmp_path, monkeypatch):
             assert all(r["device_us"] is None and r["host_us"] > 0 for r in rows if r["variant"] != "fused_comp")
         else:  # no custom kernels on the CPU
             assert all(r["host_us"] is None and r["device_us"] is None for r in raw)
+
+
+def test_a_get_kernel_spy_sees_cached_launches(counting):
+    """tests/test_ops.py's `kernel_launches` wraps `kernels.get_kernel`; a launch cached by an
+    earlier call must still show (`kernels.clear_launches`), as it would on a GPU."""
+    from tests.test_ops import kernel_launches
+
+    a, b = _arrays((4, 64), (4, 64))
+    fused_binary(a, b, "mul", "gelu")
+    assert kernel_launches(lambda x, y: fused_binary(x, y, "mul", "gelu"), [a, b]) == ["binary_activation"]
+    assert kernel_launches(lambda x, y: fused_glu(x, y), [a, b]) == ["glu"]
