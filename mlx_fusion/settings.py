@@ -52,9 +52,9 @@ class Settings(Generic[T]):
 
     @property
     def default(self) -> T:
-        """The process-wide value (ignoring this thread's overrides)."""
-        with self._lock:
-            return self._default
+        """The process-wide value (ignoring this thread's overrides). Read without the lock: an
+        attribute read is atomic, and every fused call reads it (writers take the lock)."""
+        return self._default
 
     def get(self) -> T:
         """The value in effect for this thread."""
