@@ -4,6 +4,9 @@
 // math, plus 16-byte vector loads/stores.
 //
 // All arithmetic is done in float32 and rounded once on store.
+//
+// Lines from `// @only NAME` to `// @end` reach only the kernels whose KernelSpec lists NAME
+// in `header_parts` (MLX hashes a kernel's whole source on every launch).
 
 // No #include here: NVRTC has no <cstdint>; MLX's device headers (included
 // before this header) already define int64_t.
@@ -261,6 +264,7 @@ __device__ __forceinline__ void fusion_store(T* out, int64_t base, int64_t n, co
                                            threadIdx.x) * W;                       \
                            base < (n); base += fusion_step)
 
+// @only binary
 template <int OP, int ACT, int W, typename T, typename S, typename St>
 __device__ __forceinline__ void fusion_binary_kernel(
     const T* a, const T* b, T* out, int64_t n,
@@ -277,7 +281,9 @@ __device__ __forceinline__ void fusion_binary_kernel(
     fusion_store<W>(out, base, n, x);
   }
 }
+// @end
 
+// @only binary_backward
 // dz = g * act'(a op b); add/sub write dz to da only, mul/div both operand gradients.
 template <int OP, int ACT, int W, typename T, typename S, typename St>
 __device__ __forceinline__ void fusion_binary_backward_kernel(
@@ -309,7 +315,9 @@ __device__ __forceinline__ void fusion_binary_backward_kernel(
     }
   }
 }
+// @end
 
+// @only affine
 template <int ACT, int W, typename T, typename S>
 __device__ __forceinline__ void fusion_affine_kernel(
     const T* x, T* out, int64_t n, float scale, float shift, const S& xs, int xndim) {
@@ -323,7 +331,9 @@ __device__ __forceinline__ void fusion_affine_kernel(
     fusion_store<W>(out, base, n, v);
   }
 }
+// @end
 
+// @only affine_backward
 template <int ACT, int W, typename T, typename S>
 __device__ __forceinline__ void fusion_affine_backward_kernel(
     const T* x, const T* g, T* dx, int64_t n, float scale, float shift, const S& xs, int xndim) {
@@ -338,6 +348,7 @@ __device__ __forceinline__ void fusion_affine_backward_kernel(
     fusion_store<W>(dx, base, n, d);
   }
 }
+// @end
 
 // Codes outside the tables (op or act not in 0..3) select FUSION_INVALID: NaN output.
 #define FUSION_DISPATCH(op, act, F, W, ...)                                          \
@@ -370,6 +381,7 @@ __device__ __forceinline__ void fusion_affine_backward_kernel(
     default: F<FUSION_INVALID, W>(__VA_ARGS__); break;    \
   }
 
+// @only mma
 // --- linear_activation: tensor-core tiles for small-M GEMMs -------------------
 // One m16n8k16 MMA (16-bit inputs, float32 accumulate) on 32-bit words holding
 // two elements each. Fragment layouts: PTX ISA, "Matrix Fragments for
@@ -420,3 +432,4 @@ __device__ __forceinline__ uint4 fusion_load8(const T* p, bool ok, bool aligned)
   }
   return v;
 }
+// @end

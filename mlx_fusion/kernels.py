@@ -57,6 +57,8 @@ class KernelSpec:
     shared_header: False for a kernel that uses nothing of common.metal / common.cu: it is
     built with the header's #include lines only (MLX hashes the whole source on every
     launch, so an unused header costs time per call).
+    header_parts: the optional blocks of the shared header (``// @only NAME`` ... ``// @end``)
+    the kernel uses; the others are left out of its source, for the same reason.
     """
 
     name: str
@@ -67,6 +69,7 @@ class KernelSpec:
     dtypes: Tuple[str, ...] = ("float32", "float16", "bfloat16")
     templates: Tuple[Tuple[str, Tuple], ...] = ()
     shared_header: bool = True
+    header_parts: Tuple[str, ...] = ()
 
     def instantiations(self):
         """Every template argument list the ops can pass: [("T", dtype), (name, value), ...]."""
@@ -117,8 +120,24 @@ def _source_dir() -> Path:
 
 
 @lru_cache(maxsize=None)
-def _read(filename: str) -> str:
-    return compact((_source_dir() / filename).read_text())
+def _read(filename: str, parts: Optional[Tuple[str, ...]] = None) -> str:
+    """A source file, compacted; `parts`: keep of its ``// @only NAME`` ... ``// @end`` blocks
+    only those named (None: the file has none to select)."""
+    text = (_source_dir() / filename).read_text()
+    return compact(_select(text, parts) if parts is not None else text)
+
+
+def _select(text: str, parts: Tuple[str, ...]) -> str:
+    out, keep = [], True
+    for line in text.splitlines(keepends=True):
+        words = line.split()
+        if words[:2] == ["//", "@only"] and len(words) == 3:
+            keep = words[2] in parts
+        elif words == ["//", "@end"]:
+            keep = True
+        elif keep:
+            out.append(line)
+    return "".join(out)
 
 
 def compact(source: str) -> str:
@@ -149,8 +168,9 @@ def kernel_source(name: str, backend: str) -> Tuple[str, str]:
     ext = {"metal": "metal", "cuda": "cu"}[backend]
     if name not in KERNEL_SPECS:
         raise KeyError(f"unknown kernel {name!r}")
-    header = _read(f"common.{ext}")
-    if not KERNEL_SPECS[name].shared_header:
+    spec = KERNEL_SPECS[name]
+    header = _read(f"common.{ext}", tuple(sorted(spec.header_parts)))
+    if not spec.shared_header:
         header = _include_lines(header)
     return header, _read(f"{name}.{ext}")
 

@@ -312,8 +312,9 @@ DEFINITION = FusedOp(
     kernels=(
         # act(a op b); a and b full, one element, row-broadcast or strided (see the body);
         # m = (op code, activation code), int32.
-        KernelSpec("binary_activation", ("a", "b", "m"), ("out",)),
+        KernelSpec("binary_activation", ("a", "b", "m"), ("out",), header_parts=("binary",)),
         # dz = g * act'(a op b) and, for mul/div, the two operand gradients.
-        KernelSpec("binary_activation_backward", ("a", "b", "g", "m"), ("da", "db")),
+        KernelSpec("binary_activation_backward", ("a", "b", "g", "m"), ("da", "db"),
+                   header_parts=("binary_backward",)),
     ),
     doc="act(a op b): FusedBinary(a, b), params {pattern, op, activation}; a and b broadcast.")

@@ -360,6 +360,6 @@ DEFINITION = FusedOp(
         # p = (scale, shift, activation code) as for scalar_activation. b is read only when HAS_BIAS.
         KernelSpec("linear_activation", ("x", "w", "b", "p"), ("out", "z"), elementwise=False,
                    ensure_row_contiguous=True, dtypes=("float16", "bfloat16"),
-                   templates=(("MT", (1, 2)), ("NT", (2, 4)), ("HAS_BIAS", (False, True)))),
+                   templates=(("MT", (1, 2)), ("NT", (2, 4)), ("HAS_BIAS", (False, True))), header_parts=("mma",)),
     ),
     doc="act(x @ rhs + bias): FusedLinear(x, rhs[, bias]), params {pattern, activation, has_bias}.")

@@ -311,7 +311,8 @@ DEFINITION = FusedOp(
     reference_call=_reference_call, cases=_cases, case_for=_case_for, coreml=_coreml,
     kernels=(
         # act(x * p[0] + p[1]); p = (scale, shift, activation code), float32.
-        KernelSpec("scalar_activation", ("x", "p"), ("out",), ensure_row_contiguous=True),
-        KernelSpec("scalar_activation_backward", ("x", "p", "g"), ("dx",), ensure_row_contiguous=True),
+        KernelSpec("scalar_activation", ("x", "p"), ("out",), ensure_row_contiguous=True, header_parts=("affine",)),
+        KernelSpec("scalar_activation_backward", ("x", "p", "g"), ("dx",), ensure_row_contiguous=True,
+                   header_parts=("affine_backward",)),
     ),
     doc="act(x * scale + shift): FusedScalar(x), params {pattern, scale, shift, activation}.")
