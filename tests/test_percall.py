@@ -145,3 +145,25 @@ def test_a_get_kernel_spy_sees_cached_launches(counting):
     fused_binary(a, b, "mul", "gelu")
     assert kernel_launches(lambda x, y: fused_binary(x, y, "mul", "gelu"), [a, b]) == ["binary_activation"]
     assert kernel_launches(lambda x, y: fused_glu(x, y), [a, b]) == ["glu"]
+
+
+def test_each_kernel_gets_only_the_header_blocks_it_names():
+    from mlx_fusion.kernels import KERNEL_SPECS, kernel_source
+
+    h = kernel_source("binary_activation", "cuda")[0]
+    assert "fusion_binary_kernel(" in h and "fusion_binary_backward_kernel(" not in h and "FusionMma" not in h
+    assert "FusionMma" in kernel_source("linear_activation", "cuda")[0]
+    assert kernel_source("add_rms_norm", "cuda")[0] == ""  # uses no shared function
+    assert kernel_source("add_rms_norm", "metal")[0] == "#include <metal_stdlib>\n"
+    # Every block is closed, and every block name is one some kernel asks for.
+    names, depth = set(), 0
+    for line in (ROOT / "metal_src" / "common.cu").read_text().splitlines():
+        words = line.split()
+        if words[:2] == ["//", "@only"]:
+            assert depth == 0 and len(words) == 3, line
+            names.add(words[2])
+            depth += 1
+        elif words == ["//", "@end"]:
+            assert depth == 1, line
+            depth -= 1
+    assert depth == 0 and names == {p for s in KERNEL_SPECS.values() for p in s.header_parts}
