@@ -195,13 +195,10 @@ def fused_binary(
         if (prim is not None and a.shape == b.shape and dtype == b.dtype and dtype in FUSABLE and a.size
                 and not tracing()):
             return prim(a, b)
-    op_, act = as_binary_op(op), as_activation(activation)
+    key = (op, activation, relu_at_zero)
+    op, act = as_binary_op(op), as_activation(activation)
     if tracing():  # inside a fuse() trace: plain MLX ops, which the trace can capture and re-match
-        return binary_reference(a, b, op_, act, relu_at_zero)
-    prim = _binary_primitive(op_, act, float(relu_at_zero))
-    if len(_SEEN) < _SEEN_SIZE and type(relu_at_zero) in (float, int):  # not arrays: hashed by identity
-        _SEEN[(op, activation, relu_at_zero)] = prim
-    op = op_
+        return binary_reference(a, b, op, act, relu_at_zero)
     # A Python or NumPy number is weakly typed: it takes the other operand's float dtype.
     # Anything else that is not two float arrays (ints, bools, NumPy arrays, two numbers)
     # runs the unfused expression: MLX's own promotion, result and errors.
@@ -225,6 +222,9 @@ def fused_binary(
         a = a.astype(dtype)
     if b.dtype != dtype:
         b = b.astype(dtype)
+    prim = _binary_primitive(op, act, float(relu_at_zero))
+    if len(_SEEN) < _SEEN_SIZE and type(relu_at_zero) in (float, int):  # not arrays: hashed by identity
+        _SEEN[key] = prim
     return prim(a, b)
 
 

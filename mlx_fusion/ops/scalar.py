@@ -173,11 +173,10 @@ def fused_scalar(
             seen = None
         if seen is not None and x.dtype in FUSABLE and x.size and not tracing():
             return seen[0](x, _params(scale, shift, seen[1]))
+    key = (activation, relu_at_zero)
     act = as_activation(activation)
     if tracing():  # inside a fuse() trace: plain MLX ops, which the trace can capture and re-match
         return scalar_reference(x, scale, shift, act, relu_at_zero)
-    if len(_SEEN) < 256 and type(relu_at_zero) in (float, int):  # not arrays: hashed by identity
-        _SEEN[(activation, relu_at_zero)] = (_scalar_primitive(act, float(relu_at_zero)), act)
     if not isinstance(x, mx.array):
         x = mx.array(x)
     s, t = _check_number("scale", scale), _check_number("shift", shift)
@@ -199,7 +198,10 @@ def fused_scalar(
         xk = x.astype(dtype) if x.dtype != dtype else x
         y = _scalar_primitive(act, float(relu_at_zero), True)(xk, p)
         return y.reshape(out_shape) if tuple(y.shape) != tuple(out_shape) else y
-    return _scalar_primitive(act, float(relu_at_zero))(x, _params(s, t, act))
+    prim = _scalar_primitive(act, float(relu_at_zero))
+    if len(_SEEN) < 256 and type(relu_at_zero) in (float, int):  # not arrays: hashed by identity
+        _SEEN[key] = (prim, act)
+    return prim(x, _params(s, t, act))
 
 
 # (activation, relu_at_zero) as callers pass them -> (primitive, Activation).
