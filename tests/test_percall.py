@@ -167,3 +167,22 @@ def test_each_kernel_gets_only_the_header_blocks_it_names():
             assert depth == 1, line
             depth -= 1
     assert depth == 0 and names == {p for s in KERNEL_SPECS.values() for p in s.header_parts}
+
+
+def test_mlx_jvp_walks_into_a_custom_function_unless_its_inputs_are_stopped():
+    """Why the fused ops keep one stop_gradient per kernel input (docs/llm-ops.md): MLX's jvp
+    reaches a primitive without a jvp (here QRF, standing in for a CustomKernel) inside a
+    custom_function that has its own jvp, unless the primitive's inputs are stop_gradient'ed.
+    If MLX changes this, the per-call stop_gradient nodes can go."""
+    a = mx.random.normal((4, 4), key=mx.random.key(3))
+
+    def wrapped(stop):
+        f = mx.custom_function(lambda x: mx.linalg.qr(mx.stop_gradient(x) if stop else x, stream=mx.cpu)[0])
+        f.vjp(lambda p, c, o: c)
+        f.jvp(lambda p, t: t[0])
+        return f
+
+    with pytest.raises(ValueError, match="jvp"):
+        mx.eval(mx.jvp(wrapped(False), [a], [a]))
+    mx.eval(mx.jvp(wrapped(True), [a], [a]))
+    mx.eval(mx.grad(lambda x: wrapped(False)(x).sum())(a))  # the vjp never needed them
