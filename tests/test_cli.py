@@ -33,7 +33,7 @@ def test_help_lists_commands_and_exit_codes(capsys):
 
 @pytest.mark.parametrize("command,options", [
     ("bench", ["--model", "--device", "--quick", "--ops", "--dtypes", "--sizes", "--backward", "--json",
-               "--no-cache", "--min-size"]),
+               "--no-cache", "--min-size", "--merge-projections"]),
     ("inspect", ["--dot", "--json", "--device", "--min-size", "SPEC"]),
 ])
 def test_subcommand_help_explains_every_option(capsys, command, options):
