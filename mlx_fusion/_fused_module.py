@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._fusion_state import _FusionState, compile_like_mlx, signature
+from ._sibling_merge import enter, leave, member_class, sibling_groups
 from ._tracing import tracing
 from .graph.module_state import ModuleState
 from .graph.trace import call_key, flatten_call, flatten_tree, trace_module_with
@@ -79,7 +80,7 @@ class FusedModule:
                 leaves, structure, modules = flatten_call(args, kwargs)
             except Unsafe as e:  # a cache object: attention and cache stay plain MLX
                 out = _split(self, state, forward, str(e), args, kwargs)
-                if state.kids and all(_inert(k[3]) for k in state.kids.values()):
+                if state.kids and all(_inert(k[3]) for k in state.kids.values()) and not state.sibling:
                     state.plain_calls.add(kinds)
                 return out
             if modules:
@@ -208,10 +209,20 @@ def _split(module, state: _FusionState, forward, reason: str, args, kwargs):
     """Run the module's own forward with its direct children fused (module docstring)."""
     state.split[reason] = state.split.get(reason, 0) + 1
     registry = _child_states()
-    swapped = []
+    swapped, children = [], _children(module)
+    # q/k/v of an attention called with a cache: merged here, as they are never traced together
+    groups = sibling_groups(state, children) if state.config().merge_projections else {}
+    saved = enter(groups)
     try:
-        for path, child in _children(module):
+        for path, child in children:
             cls = type(child)
+            if id(child) in groups:
+                try:
+                    child.__class__ = member_class(cls)
+                except TypeError:
+                    continue
+                swapped.append((child, cls, registry.get(id(child))))
+                continue
             if isinstance(child, FusedModule):
                 continue  # fused by the user, or swapped by an enclosing call
             kid = state.kids.get(id(child))
@@ -229,6 +240,7 @@ def _split(module, state: _FusionState, forward, reason: str, args, kwargs):
             registry[id(child)] = kid[3]
         return forward(module, *args, **kwargs)
     finally:
+        leave(groups, saved)
         for child, cls, previous in swapped:
             child.__class__ = cls
             if previous is None:

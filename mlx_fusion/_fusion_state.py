@@ -132,6 +132,7 @@ class _FusionState:
         self.plain_calls = set()  # argument types of split calls whose children all run plain
         self._last = (None, None, None, None)  # (config, its key, params, their signature)
         self.weights = WeightCache()  # merged projections' concatenated weights, shared by the traces
+        self.sibling: Dict[tuple, Any] = {}  # split calls: groups of child projections (_sibling_merge)
         REGISTRY.add(self)
 
     def config(self):

@@ -185,3 +185,31 @@ def test_quantized_projections_merge(bits):
     (g,) = graphs(fused)
     merged = [n for n in g.nodes if n.op == NODE_OP]
     assert len(merged) == 4 and all(n.params["kind"] == "QuantizedMatmul" for n in merged)
+
+
+def test_decode_merges_qkv_of_the_split_attention_but_not_o_proj():
+    model = build("llama")  # o_proj has q_proj's layout (32 -> 32) but reads another input
+    fused = fuse(model, MERGE)
+    want = greedy(model, 6)
+    assert greedy(fused, 6) == want
+    attn = {name: s for name, s in fused.fusion_states() if name.endswith("self_attn")}
+    assert len(attn) == BASE["num_hidden_layers"]
+    a = model.layers[0].self_attn
+    qkv = sum(p.nbytes for p in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight))
+    assert all(s.weights.nbytes() == qkv for s in attn.values())
+    assert all(s.stats.by_pattern["merged-projections"] == 1 for s in attn.values())
+    # a replaced weight: the next steps run the new weights (unmerged once, then rebuilt)
+    a.k_proj.weight = a.k_proj.weight * 0.5
+    assert greedy(fused, 6) == greedy(model, 6)
+
+
+def test_decode_merges_quantized_qkv_and_biases():
+    model = build("qwen2")  # q/k/v with biases
+    nn.quantize(model, group_size=32, bits=4)
+    want = greedy(model, 6)
+    fused = fuse(model, MERGE)
+    n = builds()
+    assert greedy(fused, 6) == want
+    assert builds() > n
+    attn = [s for name, s in fused.fusion_states() if name.endswith("self_attn")]
+    assert all(s.weights.nbytes() > 0 for s in attn)
