@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._fusion_state import _FusionState, compile_like_mlx, signature
-from ._sibling_merge import enter, leave, member_class, sibling_groups
+from ._sibling_merge import enter, leave, member_class, merging, sibling_groups
 from ._tracing import tracing
 from .graph.module_state import ModuleState
 from .graph.trace import call_key, flatten_call, flatten_tree, trace_module_with
@@ -80,7 +80,7 @@ class FusedModule:
                 leaves, structure, modules = flatten_call(args, kwargs)
             except Unsafe as e:  # a cache object: attention and cache stay plain MLX
                 out = _split(self, state, forward, str(e), args, kwargs)
-                if state.kids and all(_inert(k[3]) for k in state.kids.values()) and not state.sibling:
+                if state.kids and all(_inert(k[3]) for k in state.kids.values()) and not merging(state):
                     state.plain_calls.add(kinds)
                 return out
             if modules:
@@ -200,7 +200,8 @@ def _inert(s: _FusionState) -> bool:
     inert then run as plain MLX. Only speed depends on this: a fusion a later
     shape would have found is missed, never a result changed.
     """
-    if not s.inert and s.calls >= 2 and s.fused == 0 and all(_inert(k[3]) for k in s.kids.values()):
+    if (not s.inert and s.calls >= 2 and s.fused == 0 and all(_inert(k[3]) for k in s.kids.values())
+            and not merging(s)):
         s.inert = True
     return s.inert
 

@@ -31,7 +31,7 @@ from ._merged_replay import PATTERN, WeightCache
 from ._tracing import tracing
 from .graph.merge import MergeSite
 
-__all__ = ["sibling_groups", "SiblingGroup", "member_class"]
+__all__ = ["sibling_groups", "SiblingGroup", "member_class", "merging"]
 
 _local = threading.local()  # id(member) -> (group, index) while a split call runs
 _TYPES = (nn.Linear, nn.QuantizedLinear)
@@ -63,14 +63,15 @@ class SiblingGroup:
     called with the same x object are merged from the next call on (an o_proj of the
     same shape, called with another input, stays on its own)."""
 
-    def __init__(self, members: List[Tuple[str, nn.Module]], cache: WeightCache):
+    def __init__(self, members: List[Tuple[str, nn.Module]], cache: WeightCache, stats=None):
         self.paths, self.members = [p for p, _ in members], [m for _, m in members]
-        self.cls, self.cache = type(self.members[0]), cache
+        self.cls, self.cache, self.stats = type(self.members[0]), cache, stats
         self.names = _tensor_names(self.members[0])
         self.learned: Dict[int, Tuple[int, ...]] = {}  # member -> the members sharing its input last call
         self.sites: Dict[Tuple[int, ...], MergeSite] = {}
         self.seen: List[tuple] = []  # this call: [x, [members called with it]]
         self.pending: Optional[tuple] = None  # (x, members, their weights, {member: output}) of this call
+        self.tried: set = set()  # this call: subsets looked up in the cache (once per call: see `call`)
 
     def weights(self, subset) -> List[mx.array]:
         return [self.members[i][n] for i in subset for n in self.names]
@@ -88,8 +89,12 @@ class SiblingGroup:
             if px is x and index in outs and all(a is b for a, b in zip(self.weights(subset), pw)):
                 return outs.pop(index)  # computed with this x and these very weights
         subset = self.learned.get(index)
-        if subset is None or type(x) is not mx.array or x.ndim < 1 or x.shape[-1] != _in_features(member):
+        if (subset is None or subset in self.tried or type(x) is not mx.array or x.ndim < 1
+                or x.shape[-1] != _in_features(member)):
             return _own(self.cls, member, x)
+        # One lookup per call and subset: the cache counts calls, and a second member of the
+        # same forward must not count as the "second call" that builds the concatenation.
+        self.tried.add(subset)
         weights = self.weights(subset)
         cats = self.cache.get(self._site(subset), weights)
         if cats is None:
@@ -122,7 +127,11 @@ class SiblingGroup:
             shared = tuple(sorted(set(called)))
             if len(shared) >= 2:
                 learned.update({i: shared for i in shared})
+                if shared not in self.sites and self.stats is not None:
+                    self._site(shared)
+                    _record(self.stats, [self.paths[i] for i in shared], self.cls.__name__)
         self.learned, self.seen, self.pending = learned, [], None
+        self.tried.clear()
 
 
 def _in_features(m: nn.Module) -> int:
@@ -177,11 +186,25 @@ def sibling_groups(state, children: List[Tuple[str, nn.Module]]) -> Dict[int, Tu
         key = tuple(id(m) for _, m in members)
         group = state.sibling.get(key)
         if group is None or any(a is not b for a, (_, b) in zip(group.members, members)):
-            group = state.sibling[key] = SiblingGroup(members, state.weights)
-            state.stats.applied_count += 1
-            state.stats.by_pattern[PATTERN] = state.stats.by_pattern.get(PATTERN, 0) + 1
+            group = state.sibling[key] = SiblingGroup(members, state.weights, state.stats)
         out.update({id(m): (group, i) for i, (_, m) in enumerate(members)})
     return out
+
+
+def merging(state) -> bool:
+    """Whether a split call of `state` merges sibling projections (so it must keep running split)."""
+    return any(g.learned for g in state.sibling.values())
+
+
+def _record(stats, paths: List[str], kind: str) -> None:
+    """Count one merged set of sibling projections in the parent's stats, with an explain decision."""
+    from .graph.optimizer import Decision
+
+    stats.applied_count += 1
+    stats.by_pattern[PATTERN] = stats.by_pattern.get(PATTERN, 0) + 1
+    stats.decisions.append(Decision(
+        PATTERN, [], [kind] * len(paths), "", True,
+        f"{', '.join(paths)} read the same input: one matmul (concatenated weights, built on reuse)"))
 
 
 class _Types:
