@@ -120,10 +120,13 @@ class FusedModule:
         return out
 
     def clear_fusion_cache(self) -> None:
-        """Forget all traces (e.g. after replacing a submodule's code)."""
+        """Forget all traces (e.g. after replacing a submodule's code) and merged weights (after
+        writing a weight in place, which keeps its identity: docs/merged-projections.md)."""
         for _, s in self.fusion_states():
             s.cache.clear()
             s.loose.clear()
+            s.weights.records.clear()
+            s.sibling.clear()
             s.writes, s.inert, s.calls, s.fused = None, False, 0, 0
             s.plain_calls.clear()
 

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._merged_replay import PATTERN, WeightCache
+from ._merged_replay import PATTERN
 from ._tracing import tracing
 from .graph.merge import MergeSite
 
@@ -63,9 +63,9 @@ class SiblingGroup:
     called with the same x object are merged from the next call on (an o_proj of the
     same shape, called with another input, stays on its own)."""
 
-    def __init__(self, members: List[Tuple[str, nn.Module]], cache: WeightCache, stats=None):
+    def __init__(self, members: List[Tuple[str, nn.Module]], state):
         self.paths, self.members = [p for p, _ in members], [m for _, m in members]
-        self.cls, self.cache, self.stats = type(self.members[0]), cache, stats
+        self.cls, self.state = type(self.members[0]), state  # the parent's: its WeightCache and stats
         self.names = _tensor_names(self.members[0])
         self.learned: Dict[int, Tuple[int, ...]] = {}  # member -> the members sharing its input last call
         self.sites: Dict[Tuple[int, ...], MergeSite] = {}
@@ -96,7 +96,7 @@ class SiblingGroup:
         # same forward must not count as the "second call" that builds the concatenation.
         self.tried.add(subset)
         weights = self.weights(subset)
-        cats = self.cache.get(self._site(subset), weights)
+        cats = self.state.weights.get(self._site(subset), weights)
         if cats is None:
             return _own(self.cls, member, x)
         y = _project(self.cls, member, x, dict(zip(self.names, cats)))
@@ -127,9 +127,9 @@ class SiblingGroup:
             shared = tuple(sorted(set(called)))
             if len(shared) >= 2:
                 learned.update({i: shared for i in shared})
-                if shared not in self.sites and self.stats is not None:
+                if shared not in self.sites:
                     self._site(shared)
-                    _record(self.stats, [self.paths[i] for i in shared], self.cls.__name__)
+                    _record(self.state.stats, [self.paths[i] for i in shared], self.cls.__name__)
         self.learned, self.seen, self.pending = learned, [], None
         self.tried.clear()
 
@@ -186,7 +186,7 @@ def sibling_groups(state, children: List[Tuple[str, nn.Module]]) -> Dict[int, Tu
         key = tuple(id(m) for _, m in members)
         group = state.sibling.get(key)
         if group is None or any(a is not b for a, (_, b) in zip(group.members, members)):
-            group = state.sibling[key] = SiblingGroup(members, state.weights, state.stats)
+            group = state.sibling[key] = SiblingGroup(members, state)
         out.update({id(m): (group, i) for i, (_, m) in enumerate(members)})
     return out
 

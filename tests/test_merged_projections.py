@@ -256,3 +256,17 @@ def test_split_call_training_never_builds_and_grads_match():
         mx.eval(ref.parameters(), fused.parameters())
     assert builds() == n + 1
     assert mx.allclose(fused(x, box), ref(x, box)).item()  # new weights, after the update: exact again
+
+
+def test_weight_written_in_place_needs_clear_fusion_cache():
+    """A write in place keeps the array's identity (the documented limit): clearing the cache rebuilds."""
+    model, x = build("llama"), tokens()
+    fused = fuse(model, MERGE)
+    for _ in range(3):
+        fused(x)
+    w = model.layers[0].mlp.up_proj.weight
+    w[...] = w * 2
+    fused.clear_fusion_cache()
+    want = model(x)
+    for _ in range(3):
+        assert close(fused(x), want, mx.float32)
