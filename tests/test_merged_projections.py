@@ -270,3 +270,36 @@ def test_weight_written_in_place_needs_clear_fusion_cache():
     want = model(x)
     for _ in range(3):
         assert close(fused(x), want, mx.float32)
+
+
+def test_lora_training_never_builds_and_grads_match():
+    """LoRA: nn.value_and_grad hands even the frozen base weights over as new arrays each call."""
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    def lora(model):
+        model.freeze()
+        linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+        mx.random.seed(4)
+        for path, p in tree_flatten(model.trainable_parameters()):
+            if path.endswith("lora_b"):
+                model.update(tree_unflatten([(path, mx.random.normal(p.shape) * 0.1)]))
+        mx.eval(model.parameters())
+        return model
+
+    ref, model, x = lora(build("llama")), lora(build("llama")), tokens((2, 8))
+    model.update(ref.parameters())
+    fused = fuse(model, MERGE)
+    loss = lambda m: m(x).astype(mx.float32).square().mean()  # noqa: E731
+    opt_ref, opt = optim.SGD(learning_rate=0.1), optim.SGD(learning_rate=0.1)
+    n = builds()
+    for _ in range(3):
+        (l1, g1), (l2, g2) = nn.value_and_grad(ref, loss)(ref), nn.value_and_grad(fused, loss)(fused)
+        assert mx.allclose(l1, l2, rtol=1e-5).item()
+        assert any("lora_a" in k for k, _ in tree_flatten(g2))
+        for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
+            assert mx.allclose(a, b, atol=1e-5).item(), k
+        opt_ref.update(ref, g1)
+        opt.update(fused, g2)
+        mx.eval(ref.parameters(), fused.parameters())
+    assert builds() == n
