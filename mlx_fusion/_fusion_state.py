@@ -219,7 +219,7 @@ class _FusionState:
             sites = merge_sites(graph, cfg, scope) if cfg.merge_projections and not offloaded else []
             opt = FusionOptimizer(cfg, price=price, compiled_replay=self.compile and not offloaded, scope=scope)
             stats = opt.optimize(graph)
-            record_merges(stats, sites)
+            record_merges(stats, sites, graph)
             if opt.skipped:
                 self.extra["skipped"] = opt.skipped
             graph.lint()

@@ -40,10 +40,12 @@ def merge_sites(graph, cfg, scope=None) -> List[MergeSite]:
     return merge_projections(graph, scope)
 
 
-def record_merges(stats, sites: List[MergeSite]) -> None:
-    """Count merged sites in `stats` (applied, by_pattern) and add one decision per site."""
+def record_merges(stats, sites: List[MergeSite], graph) -> None:
+    """Count merged sites in `stats` (applied, by_pattern) and add one decision per site, in graph order."""
     from .graph.optimizer import Decision
 
+    if not sites:
+        return
     for site in sites:
         stats.applied_count += 1
         stats.by_pattern[PATTERN] = stats.by_pattern.get(PATTERN, 0) + 1
@@ -51,6 +53,8 @@ def record_merges(stats, sites: List[MergeSite]) -> None:
         stats.decisions.append(Decision(
             PATTERN, [site.node_id], [site.kind] * n, site.module, True,
             f"{n} projections of one input as one {site.kind} (concatenated weights, built on reuse)"))
+    pos = {node.id: i for i, node in enumerate(graph.nodes)}
+    stats.decisions.sort(key=lambda d: (pos.get(d.node_ids[-1], 0) if d.node_ids else 0, not d.fused))
 
 
 class _Builds:

@@ -303,3 +303,14 @@ def test_lora_training_never_builds_and_grads_match():
         opt.update(fused, g2)
         mx.eval(ref.parameters(), fused.parameters())
     assert builds() == n
+
+
+def test_explain_reports_merged_sites():
+    import mlx_fusion
+
+    model = build("qwen2")  # q/k/v with biases: AddMM sites
+    fused = fuse(model, MERGE)
+    fused(tokens())
+    rows = [d for d in mlx_fusion.explain(fused).fused if d.pattern == "merged-projections"]
+    assert sorted(d.module for d in rows) == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp", "self_attn"))
+    assert any("3 projections" in d.reason and "AddMM" in d.reason for d in rows)

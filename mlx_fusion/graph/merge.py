@@ -49,7 +49,7 @@ class MergeSite:
 
     kind: the members' op ("Matmul", "AddMM", "QuantizedMatmul"); members: per member,
     the input positions of its tensors (weight[, bias] or w, scales[, biases]);
-    module: the deepest module path among the members (explain)."""
+    module: the innermost module containing every member (explain)."""
 
     kind: str
     members: Tuple[Tuple[int, ...], ...]
@@ -128,7 +128,7 @@ def merge_projections(graph: Graph, scope: Optional[Callable[[List[str]], Option
                     [n.outputs[0] for n, _, _ in members],
                     {"kind": first.op, "op_params": tuple(first.params), "count": len(members),
                      "slots": len(cats), "splits": tuple(n.outputs[0].shape[-1] for n, _, _ in members),
-                     "merged": True}, max((n.module for n, _, _ in members), key=lambda p: p.count(".") + bool(p)))
+                     "merged": True}, _common_module([n.module for n, _, _ in members]))
         node.id = graph.next_id() + len(sites)
         placed[first.id] = node
         removed.update(n.id for n, _, _ in members)
@@ -150,6 +150,17 @@ def merge_projections(graph: Graph, scope: Optional[Callable[[List[str]], Option
     graph.meta["merge_sites"] = graph.meta.get("merge_sites", []) + sites
     graph.meta["merged_inputs"] = graph.meta.get("merged_inputs", 0) + len(extra)
     return sites
+
+
+def _common_module(paths: List[str]) -> str:
+    """The innermost module containing every member ("layers.0.mlp" for its gate_proj and up_proj)."""
+    parts = [p.split(".") if p else [] for p in paths]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
 
 
 def _drop_unread_views(graph: Graph, nodes: List[Node]) -> List[Node]:
