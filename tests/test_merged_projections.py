@@ -312,5 +312,6 @@ def test_explain_reports_merged_sites():
     fused = fuse(model, MERGE)
     fused(tokens())
     rows = [d for d in mlx_fusion.explain(fused).fused if d.pattern == "merged-projections"]
-    assert sorted(d.module for d in rows) == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp", "self_attn"))
+    want = [f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp", "self_attn")]
+    assert sorted(d.module for d in rows) == want
     assert any("3 projections" in d.reason and "AddMM" in d.reason for d in rows)
