@@ -126,7 +126,7 @@ class FusedModule:
             s.cache.clear()
             s.loose.clear()
             s.weights.records.clear()
-            s.sibling.clear()
+            s.sibling, s.sibling_index = {}, None
             s.writes, s.inert, s.calls, s.fused = None, False, 0, 0
             s.plain_calls.clear()
 

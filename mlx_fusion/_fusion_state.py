@@ -133,6 +133,7 @@ class _FusionState:
         self._last = (None, None, None, None)  # (config, its key, params, their signature)
         self.weights = WeightCache()  # merged projections' concatenated weights, shared by the traces
         self.sibling: Dict[tuple, Any] = {}  # split calls: groups of child projections (_sibling_merge)
+        self.sibling_index = None  # (children, their classes, groups) of the last split call
         REGISTRY.add(self)
 
     def config(self):

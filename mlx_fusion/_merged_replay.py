@@ -96,10 +96,10 @@ class WeightCache:
 
     @staticmethod
     def _build(site: MergeSite, inputs) -> Optional[List[mx.array]]:
-        cats = concatenate(site, inputs)
         try:
+            cats = concatenate(site, inputs)  # raises if a member's layout changed: run unmerged
             mx.eval(cats)
-        except ValueError:  # placeholders of an enclosing compile / vmap: nothing to keep
+        except ValueError:  # or placeholders of an enclosing compile / vmap: nothing to keep
             return None
         BUILDS.count += 1
         return cats

@@ -44,16 +44,17 @@ def _active() -> dict:
     return d
 
 
-def _tensor_names(m: nn.Module) -> Tuple[str, ...]:
-    names = ("weight",) if type(m) is nn.Linear else ("weight", "scales") + (("biases",) if "biases" in m else ())
+def _tensor_names(m: nn.Module, cls: type) -> Tuple[str, ...]:
+    names = ("weight",) if cls is nn.Linear else ("weight", "scales") + (("biases",) if "biases" in m else ())
     return names + (("bias",) if "bias" in m else ())
 
 
-def _layout(m: nn.Module) -> tuple:
-    """What members of one group share: the class, tensor layout, input size, dtype, quantization."""
+def _layout(m: nn.Module, cls: type) -> tuple:
+    """What members of one group share: the class (`cls`: a member's own, also while it is swapped
+    during a call), tensor layout, input size, dtype, quantization."""
     w = m["weight"]
-    quant = (m.group_size, m.bits, m.mode) if type(m) is nn.QuantizedLinear else ()
-    return (type(m), _tensor_names(m), w.shape[1:], w.dtype, m["scales"].shape[1:] if quant else (), quant)
+    quant = (m.group_size, m.bits, m.mode) if cls is nn.QuantizedLinear else ()
+    return (cls, _tensor_names(m, cls), w.shape[1:], w.dtype, m["scales"].shape[1:] if quant else (), quant)
 
 
 class SiblingGroup:
@@ -66,7 +67,8 @@ class SiblingGroup:
     def __init__(self, members: List[Tuple[str, nn.Module]], state):
         self.paths, self.members = [p for p, _ in members], [m for _, m in members]
         self.cls, self.state = type(self.members[0]), state  # the parent's: its WeightCache and stats
-        self.names = _tensor_names(self.members[0])
+        self.layout = _layout(self.members[0], self.cls)
+        self.names = _tensor_names(self.members[0], self.cls)
         self.learned: Dict[int, Tuple[int, ...]] = {}  # member -> the members sharing its input last call
         self.sites: Dict[Tuple[int, ...], MergeSite] = {}
         self.seen: List[tuple] = []  # this call: [x, [members called with it]]
@@ -95,6 +97,8 @@ class SiblingGroup:
         # One lookup per call and subset: the cache counts calls, and a second member of the
         # same forward must not count as the "second call" that builds the concatenation.
         self.tried.add(subset)
+        if any(_layout(self.members[i], self.cls) != self.layout for i in subset):  # reshaped, requantized
+            return _own(self.cls, member, x)
         weights = self.weights(subset)
         cats = self.state.weights.get(self._site(subset), weights)
         if cats is None:
@@ -172,22 +176,30 @@ def member_class(cls: type) -> type:
 def sibling_groups(state, children: List[Tuple[str, nn.Module]]) -> Dict[int, Tuple[SiblingGroup, int]]:
     """id(child) -> (its group, its index) for the children of a split call that form groups.
 
-    Groups are kept on the parent's `state` (``state.sibling``) while their members stay the same
-    objects; a new group is counted once in the parent's stats."""
+    Computed again only when the children are other objects or classes (kept in
+    ``state.sibling_index``; a member's changed layout is checked where it merges). The groups
+    are kept on the parent's `state` (``state.sibling``), which holds the current ones only."""
+    index = state.sibling_index
+    if (index is not None and len(index[0]) == len(children)
+            and all(a is c and t is type(c) for a, t, (_, c) in zip(index[0], index[1], children))):
+        return index[2]
     scope = state.filter.for_graph(_Types(children)) if state.filter else None
     by_layout: Dict[tuple, List[Tuple[str, nn.Module]]] = {}
     for path, child in children:
         if type(child) in _TYPES and (scope is None or scope([path]) is None):
-            by_layout.setdefault(_layout(child), []).append((path, child))
-    out = {}
+            by_layout.setdefault(_layout(child, type(child)), []).append((path, child))
+    out, groups = {}, {}
     for members in by_layout.values():
         if len(members) < 2:
             continue
         key = tuple(id(m) for _, m in members)
         group = state.sibling.get(key)
         if group is None or any(a is not b for a, (_, b) in zip(group.members, members)):
-            group = state.sibling[key] = SiblingGroup(members, state)
+            group = SiblingGroup(members, state)
+        groups[key] = group
         out.update({id(m): (group, i) for i, (_, m) in enumerate(members)})
+    state.sibling = groups
+    state.sibling_index = (tuple(c for _, c in children), tuple(type(c) for _, c in children), out)
     return out
 
 
