@@ -21,6 +21,7 @@ sibling calls of one forward; no attention does that (docs/merged-projections.md
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from typing import Dict, List, Optional, Tuple
 
@@ -34,6 +35,9 @@ from .graph.merge import MergeSite
 __all__ = ["sibling_groups", "SiblingGroup", "member_class", "merging"]
 
 _local = threading.local()  # id(member) -> (group, index) while a split call runs
+# A split call costs host time per token that merging must win back (docs/merged-projections.md):
+# MLX_FUSION_MERGE_SPLIT=0 leaves split calls alone and merges traced calls only (measuring).
+ENABLED = os.environ.get("MLX_FUSION_MERGE_SPLIT", "1") != "0"
 _TYPES = (nn.Linear, nn.QuantizedLinear)
 
 
@@ -179,6 +183,8 @@ def sibling_groups(state, children: List[Tuple[str, nn.Module]]) -> Dict[int, Tu
     Computed again only when the children are other objects or classes (kept in
     ``state.sibling_index``; a member's changed layout is checked where it merges). The groups
     are kept on the parent's `state` (``state.sibling``), which holds the current ones only."""
+    if not ENABLED:
+        return {}
     index = state.sibling_index
     if (index is not None and len(index[0]) == len(children)
             and all(a is c and t is type(c) for a, t, (_, c) in zip(index[0], index[1], children))):
