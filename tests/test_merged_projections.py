@@ -315,3 +315,18 @@ def test_explain_reports_merged_sites():
     want = [f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp", "self_attn")]
     assert sorted(d.module for d in rows) == want
     assert any("3 projections" in d.reason and "AddMM" in d.reason for d in rows)
+
+
+def test_excluded_modules_are_not_merged():
+    model, x = build("llama"), tokens()
+    fused = fuse(model, MERGE, exclude=["model.layers.0.self_attn", "model.layers.1.mlp"])
+    for _ in range(3):
+        assert close(fused(x), model(x), mx.float32)
+    (g,) = graphs(fused)
+    modules = sorted(n.module for n in g.nodes if n.op == NODE_OP)
+    assert modules == ["model.layers.0.mlp", "model.layers.1.self_attn"]
+    fused = fuse(model, MERGE, exclude=["model.layers.*.self_attn.k_proj"])  # decode: q and v still merge
+    assert greedy(fused, 6) == greedy(model, 6)
+    attn = [s for name, s in fused.fusion_states() if name.endswith("self_attn")]
+    a = model.layers[0].self_attn
+    assert all(s.weights.nbytes() == a.q_proj.weight.nbytes + a.v_proj.weight.nbytes for s in attn)
