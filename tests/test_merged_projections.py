@@ -330,3 +330,36 @@ def test_excluded_modules_are_not_merged():
     attn = [s for name, s in fused.fusion_states() if name.endswith("self_attn")]
     a = model.layers[0].self_attn
     assert all(s.weights.nbytes() == a.q_proj.weight.nbytes + a.v_proj.weight.nbytes for s in attn)
+
+
+class GatedDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.drop = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False), nn.Dropout(0.5)
+
+    def __call__(self, x):
+        return self.drop(nn.silu(self.gate(x)) * self.up(x))
+
+
+def test_functions_and_random_draws_merge():
+    """fuse(fn) with weights in closure cells; and a merged graph that also draws random numbers."""
+    wq, wk = mx.random.normal((8, 4), key=mx.random.key(1)), mx.random.normal((6, 4), key=mx.random.key(2))
+
+    def f(x):
+        return x @ wq.T, x @ wk.T
+
+    g, x, n = fuse(f, MERGE), mx.random.normal((3, 4), key=mx.random.key(3)), builds()
+    for _ in range(3):
+        a, b = g(x)
+        assert mx.array_equal(a, x @ wq.T).item() and mx.array_equal(b, x @ wk.T).item()
+    assert builds() == n + 1
+    mx.random.seed(5)
+    model = GatedDropout()
+    mx.eval(model.parameters())
+    fused, x = fuse(model, MERGE), mx.random.normal((4, 16))
+    for i in range(3):
+        mx.random.seed(10 + i)
+        want = model(x)
+        mx.random.seed(10 + i)
+        assert mx.allclose(fused(x), want).item()
+    assert builds() == n + 2
