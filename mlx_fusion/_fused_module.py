@@ -76,11 +76,16 @@ class FusedModule:
             kinds = _arg_kinds(args, kwargs)
             if kinds in state.plain_calls:  # a decode step: everything below runs plain (see _split)
                 return forward(self, *args, **kwargs)
+            reason = state.split_calls.get(kinds)
+            if reason is not None:  # a decode step of an attention that merges its q/k/v
+                return _split(self, state, forward, reason, args, kwargs)
             try:
                 leaves, structure, modules = flatten_call(args, kwargs)
             except Unsafe as e:  # a cache object: attention and cache stay plain MLX
                 out = _split(self, state, forward, str(e), args, kwargs)
-                if state.kids and all(_inert(k[3]) for k in state.kids.values()) and not merging(state):
+                if merging(state):  # it splits again for these kinds of arguments: skip the walk
+                    state.split_calls[kinds] = str(e)
+                elif state.kids and all(_inert(k[3]) for k in state.kids.values()):
                     state.plain_calls.add(kinds)
                 return out
             if modules:
@@ -129,6 +134,7 @@ class FusedModule:
             s.sibling, s.sibling_index = {}, None
             s.writes, s.inert, s.calls, s.fused = None, False, 0, 0
             s.plain_calls.clear()
+            s.split_calls.clear()
 
     def __reduce_ex__(self, protocol):
         # copy.deepcopy and pickle: the same module with a fresh (empty) trace cache.
@@ -220,9 +226,10 @@ def _split(module, state: _FusionState, forward, reason: str, args, kwargs):
     try:
         for path, child in children:
             cls = type(child)
-            if id(child) in groups:
-                try:
-                    child.__class__ = member_class(cls)
+            slot = groups.get(id(child))
+            if slot is not None and (not slot[0].learned or slot[1] in slot[0].learned):
+                try:  # (object's __setattr__: nn.Module's costs 5x more for the same effect)
+                    object.__setattr__(child, "__class__", member_class(cls))
                 except TypeError:
                     continue
                 swapped.append((child, cls, registry.get(id(child))))
@@ -246,7 +253,7 @@ def _split(module, state: _FusionState, forward, reason: str, args, kwargs):
     finally:
         leave(groups, saved)
         for child, cls, previous in swapped:
-            child.__class__ = cls
+            object.__setattr__(child, "__class__", cls)
             if previous is None:
                 registry.pop(id(child), None)
             else:

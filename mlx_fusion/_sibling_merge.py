@@ -76,7 +76,7 @@ class SiblingGroup:
         self.learned: Dict[int, Tuple[int, ...]] = {}  # member -> the members sharing its input last call
         self.sites: Dict[Tuple[int, ...], MergeSite] = {}
         self.seen: List[tuple] = []  # this call: [x, [members called with it]]
-        self.pending: Optional[tuple] = None  # (x, members, their weights, {member: output}) of this call
+        self.pending: Optional[tuple] = None  # (x, members, {member: its weights}, {member: output}) of this call
         self.tried: set = set()  # this call: subsets looked up in the cache (once per call: see `call`)
 
     def weights(self, subset) -> List[mx.array]:
@@ -92,7 +92,8 @@ class SiblingGroup:
             self.seen.append((x, [index]))
         if self.pending is not None:
             px, subset, pw, outs = self.pending
-            if px is x and index in outs and all(a is b for a, b in zip(self.weights(subset), pw)):
+            # A member's slice depends on x and its own rows of the concatenation only.
+            if px is x and index in outs and all(member[n] is w for n, w in zip(self.names, pw[index])):
                 return outs.pop(index)  # computed with this x and these very weights
         subset = self.learned.get(index)
         if (subset is None or subset in self.tried or type(x) is not mx.array or x.ndim < 1
@@ -109,7 +110,9 @@ class SiblingGroup:
             return _own(self.cls, member, x)
         y = _project(self.cls, member, x, dict(zip(self.names, cats)))
         outs = mx.split(y, self._bounds(subset), axis=-1)
-        self.pending = (x, subset, weights, {i: o for i, o in zip(subset, outs) if i != index})
+        t = len(self.names)
+        own = {i: weights[j * t:(j + 1) * t] for j, i in enumerate(subset)}
+        self.pending = (x, subset, own, {i: o for i, o in zip(subset, outs) if i != index})
         return outs[subset.index(index)]
 
     def _site(self, subset) -> MergeSite:
