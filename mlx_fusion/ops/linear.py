@@ -14,6 +14,9 @@ and dW = dz.T @ x, and a reduction for the bias gradient.
 
 With no activation there is nothing to add to MLX: `mx.addmm` already fuses the
 bias into the GEMM, so that is what runs.
+
+On the CPU the op is MLX's own code, act(mx.addmm(bias, x, weight.T)), with MLX's
+autodiff (the activation compiled for float32): see `common.cpu_reference`.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from .._tracing import tracing
 from ..kernels import KernelSpec
 from ..patterns import Activation, LinearLayer, activation_reference, activation_spellings, as_activation
 from .base import FusedOp, OpCase, Spelling, Workload
-from .common import (activation_grad, cpu_compile, f32, is_fusable_dtype, promote, relu_grad_from_output,
-                     tangents_for)
+from .common import (activation_grad, cpu_compile, cpu_reference, f32, is_fusable_dtype, promote,
+                     relu_grad_from_output, tangents_for)
 from .scalar import _params, launch_scalar, launch_scalar_backward
 
 __all__ = ["fused_linear", "linear_reference", "SMALL_M_ROWS", "DEFINITION"]
@@ -170,6 +173,13 @@ def _linear_primitive(act: Activation, has_bias: bool, relu_at_zero: float = 0.0
     return fused, keep_z
 
 
+@lru_cache(maxsize=None)
+def _cpu_activation(act: Activation, relu_at_zero: float):
+    """The CPU path's epilogue: the activation as MLX code, with MLX's autodiff
+    (common.cpu_reference); the GEMM (with its bias, `mx.addmm`) runs before it."""
+    return cpu_reference(activation_reference(act, relu_at_zero), act)
+
+
 def _empty_linear(x, weight, bias, act, dtype, relu_at_zero):
     """An empty product (M, N or K = 0) without a GEMM: its sum over K is zero.
     (MLX 0.32.4's CUDA matmul crashes on some empty operands.)"""
@@ -220,6 +230,12 @@ def fused_linear(
         if bias is None:
             return x @ weight.T
         return mx.addmm(bias, x, weight.T)
+    if kernels.kernel_backend() is None:
+        # No reshapes: the same code on any rank, as the unfused expression (which a
+        # shapeless mx.compile can replay with new shapes).
+        ins = [t.astype(dtype) if t.dtype != dtype else t for t in arrays]
+        z = mx.addmm(ins[2], ins[0], ins[1].T) if bias is not None else ins[0] @ ins[1].T
+        return _cpu_activation(act, float(relu_at_zero))(z)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     args = [x2, weight]
