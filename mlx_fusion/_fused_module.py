@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._fusion_state import _FusionState, compile_like_mlx, signature
+from ._shapeless import in_shapeless_trace
 from ._tracing import tracing
 from .graph.module_state import ModuleState
 from .graph.trace import call_key, flatten_call, flatten_tree, trace_module_with
@@ -66,6 +67,10 @@ class FusedModule:
         state.calls += 1
         cfg = state.config()
         if not cfg.enabled:
+            return forward(self, *args, **kwargs)
+        if in_shapeless_trace():
+            # An outer mx.compile(shapeless=True) traces this call: a replay bakes the traced
+            # shapes (reshapes) and fused primitives have no shape rule (docs/never-wrong.md).
             return forward(self, *args, **kwargs)
         if state.origin is not None:
             state.origin.pull(self)

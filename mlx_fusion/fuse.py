@@ -25,6 +25,7 @@ import mlx.nn as nn
 
 from ._fused_module import FusedModule, fuse_module
 from ._fusion_state import REGISTRY, FusionFallbackWarning, _FusionState, compile_like_mlx, optimizer_stats, signature
+from ._shapeless import in_shapeless_trace
 from ._tracing import tracing
 from .control import ModuleFilter
 from .graph.module_state import Identity, ModuleState, Unsafe, static_key
@@ -71,6 +72,8 @@ class FusedFunction:
             return self._fn(*args, **kwargs)
         cfg = state.config()
         if not cfg.enabled or state.writes:  # code that writes state would retrace every call
+            return self._fn(*args, **kwargs)
+        if in_shapeless_trace():  # an outer shapeless mx.compile: see FusedModule.__call__
             return self._fn(*args, **kwargs)
         states, modules = [], ()
         if not kwargs and all(type(a) is mx.array for a in args):

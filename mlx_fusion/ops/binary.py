@@ -25,7 +25,7 @@ from ..patterns import (Activation, BinaryActivation, BinaryOp, activation_refer
                         as_activation, as_binary_op)
 from .base import FusedOp, OpCase, Spelling
 from .common import (FUSED_DTYPES, activation_grad, as_number, binary_operand_grads, cpu_compile, cpu_reference, f32,
-                     flat1d,
+                     flat1d, runs_mlx_code,
                      is_fusable_dtype, promote, relu_grad_from_output, sum_to_shape, with_reference_rules)
 from .scalar import _params, _run, launch_scalar_backward
 
@@ -101,7 +101,7 @@ def _cpu_binary(op: BinaryOp, act: Activation, relu_at_zero: float = 0.0):
 
 
 def _fused(op: BinaryOp, act: Activation, relu_at_zero: float):
-    if kernels.kernel_backend() is None:
+    if runs_mlx_code():
         return _cpu_binary(op, act, relu_at_zero)
     return _binary_primitive(op, act, relu_at_zero)
 

@@ -11,6 +11,8 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from .. import kernels
+from .._shapeless import in_shapeless_trace
 from ..patterns import Activation, BinaryOp
 
 FUSED_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -162,6 +164,13 @@ CPU_EAGER_FORWARD = frozenset({Activation.GELU_APPROX})
 def cpu_compile(fn, act: Activation):
     """mx.compile(fn), except for activations whose compiled CPU code is slower."""
     return fn if act in CPU_EAGER_FORWARD else mx.compile(fn)
+
+
+def runs_mlx_code() -> bool:
+    """Does a fused op run its MLX expression here instead of its kernels? On the CPU
+    (no kernel API), and inside a shapeless mx.compile, which accepts no custom_function
+    or custom kernel (mlx_fusion/_shapeless.py); asked only when a GPU backend is active."""
+    return kernels.kernel_backend() is None or in_shapeless_trace()
 
 
 def cpu_reference(fn, act: Activation):

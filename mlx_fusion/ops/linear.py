@@ -15,8 +15,11 @@ and dW = dz.T @ x, and a reduction for the bias gradient.
 With no activation there is nothing to add to MLX: `mx.addmm` already fuses the
 bias into the GEMM, so that is what runs.
 
-On the CPU the op is MLX's own code, act(mx.addmm(bias, x, weight.T)), with MLX's
-autodiff (the activation compiled for float32): see `common.cpu_reference`.
+On the CPU, and inside a shapeless mx.compile, the op is its unfused MLX code,
+act(x @ weight.T + bias), with MLX's autodiff (bias and activation compiled into one
+loop for float32): see `common.cpu_reference`. Not `mx.addmm`: under a shapeless
+compile MLX 0.32.4's AddMM with a broadcast bias returns wrong values for a new batch
+size, then corrupts the heap (docs/never-wrong.md).
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from .. import kernels
+from .._shapeless import in_shapeless_trace
 from .._tracing import tracing
 from ..kernels import KernelSpec
 from ..patterns import Activation, LinearLayer, activation_reference, activation_spellings, as_activation
 from .base import FusedOp, OpCase, Spelling, Workload
 from .common import (activation_grad, cpu_compile, cpu_reference, f32, is_fusable_dtype, promote,
-                     relu_grad_from_output, tangents_for)
+                     relu_grad_from_output, runs_mlx_code, tangents_for)
 from .scalar import _params, launch_scalar, launch_scalar_backward
 
 __all__ = ["fused_linear", "linear_reference", "SMALL_M_ROWS", "DEFINITION"]
@@ -174,10 +178,11 @@ def _linear_primitive(act: Activation, has_bias: bool, relu_at_zero: float = 0.0
 
 
 @lru_cache(maxsize=None)
-def _cpu_activation(act: Activation, relu_at_zero: float):
-    """The CPU path's epilogue: the activation as MLX code, with MLX's autodiff
-    (common.cpu_reference); the GEMM (with its bias, `mx.addmm`) runs before it."""
-    return cpu_reference(activation_reference(act, relu_at_zero), act)
+def _mlx_epilogue_of(act: Activation, relu_at_zero: float, has_bias: bool):
+    """The MLX-code path's epilogue, act(y + bias) or act(y) for the product y, with MLX's
+    autodiff (common.cpu_reference)."""
+    fn = activation_reference(act, relu_at_zero)
+    return cpu_reference((lambda y, b: fn(y + b)) if has_bias else fn, act)
 
 
 def _empty_linear(x, weight, bias, act, dtype, relu_at_zero):
@@ -229,13 +234,14 @@ def fused_linear(
     if act is None:
         if bias is None:
             return x @ weight.T
+        if in_shapeless_trace():  # AddMM is wrong there (see the module docstring)
+            return linear_reference(x, weight, bias)
         return mx.addmm(bias, x, weight.T)
-    if kernels.kernel_backend() is None:
-        # No reshapes: the same code on any rank, as the unfused expression (which a
-        # shapeless mx.compile can replay with new shapes).
-        ins = [t.astype(dtype) if t.dtype != dtype else t for t in arrays]
-        z = mx.addmm(ins[2], ins[0], ins[1].T) if bias is not None else ins[0] @ ins[1].T
-        return _cpu_activation(act, float(relu_at_zero))(z)
+    if runs_mlx_code():
+        # The unfused expression, without reshapes (a shapeless compile replays it with new shapes).
+        y = x @ weight.T
+        epilogue = _mlx_epilogue_of(act, float(relu_at_zero), bias is not None)
+        return epilogue(y, bias) if bias is not None else epilogue(y)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     args = [x2, weight]

@@ -26,7 +26,7 @@ from ..patterns import (Activation, ScalarActivation, ScalarOp, activation_refer
                         as_activation)
 from .base import FusedOp, OpCase, Spelling
 from .common import activation_grad, as_number, cpu_compile, cpu_reference, f32, is_fusable_dtype, launch_geometry, \
-    promote, with_reference_rules
+    promote, runs_mlx_code, with_reference_rules
 
 __all__ = ["fused_scalar", "scalar_reference", "launch_scalar", "launch_scalar_backward", "DEFINITION"]
 
@@ -175,7 +175,7 @@ def fused_scalar(
     s, t = _check_number("scale", scale), _check_number("shift", shift)
     if s is _MLX_DECIDES or t is _MLX_DECIDES or not is_fusable_dtype(x.dtype) or x.size == 0:
         return scalar_reference(x, scale, shift, act, relu_at_zero)
-    cpu = kernels.kernel_backend() is None
+    cpu = runs_mlx_code()
     if isinstance(s, mx.array) or isinstance(t, mx.array):
         scale_a, shift_a = (v if isinstance(v, mx.array) else mx.array(v, dtype=x.dtype) for v in (s, t))
         if scale_a.size != 1 or shift_a.size != 1:
@@ -184,7 +184,7 @@ def fused_scalar(
                 f"got shapes {scale_a.shape} and {shift_a.shape} — use fused_binary for tensors"
             )
         if cpu or not all(is_fusable_dtype(d) for d in (scale_a.dtype, shift_a.dtype)):
-            # The CPU: MLX's own code and autodiff (common.cpu_reference); rare, so not compiled.
+            # The CPU (or a shapeless trace): MLX's own code and autodiff; rare, so not compiled.
             return scalar_reference(x, scale, shift, act, relu_at_zero)
         out_shape = mx.broadcast_shapes(x.shape, scale_a.shape, shift_a.shape)
         dtype = promote(x.dtype, scale_a.dtype, shift_a.dtype)
