@@ -13,7 +13,8 @@ Variants (each eager and compiled):
   custom_vjp  the op's `mx.custom_function` primitive called directly (the GPU design, and the
               CPU path before issue 12 item 6: float32 MLX expressions under mx.compile)
   f32         the float32 expression of the kernels under mx.compile, MLX autodiff
-  cref        the reference under mx.compile, MLX autodiff (what fused runs for float32)
+  cref        the reference under mx.compile, MLX autodiff
+(for the linear cases f32 and cref are act(mx.addmm(b, x, W.T)), the activation compiled)
 
 Times are medians of interleaved rounds (the machine is shared); memory is the peak above the
 inputs (mx.get_peak_memory after mx.reset_peak_memory), exact and repeatable. MLX's CPU cache
