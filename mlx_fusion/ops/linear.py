@@ -15,11 +15,11 @@ and dW = dz.T @ x, and a reduction for the bias gradient.
 With no activation there is nothing to add to MLX: `mx.addmm` already fuses the
 bias into the GEMM, so that is what runs.
 
-On the CPU, and inside a shapeless mx.compile, the op is its unfused MLX code,
-act(x @ weight.T + bias), with MLX's autodiff (bias and activation compiled into one
-loop for float32): see `common.cpu_reference`. Not `mx.addmm`: under a shapeless
-compile MLX 0.32.4's AddMM with a broadcast bias returns wrong values for a new batch
-size, then corrupts the heap (docs/never-wrong.md).
+On the CPU, and inside a shapeless mx.compile, the op is MLX code with MLX's autodiff
+(see `common.cpu_reference`): float32 as act(mx.addmm(bias, x, weight.T)), the bias in
+the GEMM and the activation compiled; 16-bit types as the unfused act(x @ weight.T + bias).
+Never `mx.addmm` in a shapeless trace: there MLX 0.32.4's AddMM with a broadcast bias
+returns wrong values for a new batch size, then corrupts the heap (docs/never-wrong.md).
 """
 
 from __future__ import annotations
@@ -238,10 +238,14 @@ def fused_linear(
             return linear_reference(x, weight, bias)
         return mx.addmm(bias, x, weight.T)
     if runs_mlx_code():
-        # The unfused expression, without reshapes (a shapeless compile replays it with new shapes).
+        # No reshapes: a shapeless compile replays this code with new shapes.
+        tie = float(relu_at_zero)
+        if bias is not None and dtype == mx.float32 and all(t.dtype == dtype for t in arrays) \
+                and not in_shapeless_trace():
+            # The bias in MLX's CPU GEMM: 1.02-1.2x the unfused float32 code (docs/performance.md).
+            return _mlx_epilogue_of(act, tie, False)(mx.addmm(bias, x, weight.T))
         y = x @ weight.T
-        epilogue = _mlx_epilogue_of(act, float(relu_at_zero), bias is not None)
-        return epilogue(y, bias) if bias is not None else epilogue(y)
+        return _mlx_epilogue_of(act, tie, True)(y, bias) if bias is not None else _mlx_epilogue_of(act, tie, False)(y)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     args = [x2, weight]
