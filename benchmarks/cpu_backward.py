@@ -119,14 +119,17 @@ def step_of(fn, w, nargs):
 
 
 def measure(fns, args, repeats):
-    """Median ms and peak MiB (above what was allocated before the call) of each fn."""
+    """Median ms and peak MiB (above what was allocated before the call) of each fn, the fns
+    interleaved in every round so that load changes on the shared machine hit all alike."""
     mx.eval(args)
     for fn in fns:  # warm up (compiles, fills the buffer cache)
         for _ in range(2):
             mx.eval(fn(*args))
     times, peaks = [[] for _ in fns], [0.0] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
+    for r in range(repeats):
+        # Each round starts at another variant: the first call of a round measured slower.
+        for i in [(r + j) % len(fns) for j in range(len(fns))]:
+            fn = fns[i]
             mx.synchronize()
             base = mx.get_active_memory()
             mx.reset_peak_memory()
