@@ -158,8 +158,8 @@ def main(argv=None):
     want = a.variants.split(",")
     print(f"mlx {mx.__version__}, device {mx.default_device()}; ms median of {a.repeats}, MiB peak above inputs")
     print("ratios: ref time (or peak) / variant's, eager over eager and compiled over compiled; >1 = variant better")
-    hdr = f"{'case':<17}{'pass':<8}{'size':>5} {'dtype':<9}{'variant':<11}{'eager ms':>9}{'comp ms':>9}{'eager MiB':>10}" \
-          f"{'comp MiB':>9}{'t eager':>8}{'t comp':>7}{'m eager':>8}{'m comp':>7}{'vs comp':>8}"
+    hdr = f"{'case':<17}{'pass':<8}{'size':>5} {'dtype':<9}{'variant':<11}{'eager ms':>9}{'comp ms':>9}" \
+          f"{'eager MiB':>10}{'comp MiB':>9}{'t eager':>8}{'t comp':>7}{'m eager':>8}{'m comp':>7}{'vs comp':>8}"
     print(hdr, flush=True)
     for name in a.cases.split(","):
         variants, kind = CASES[name]

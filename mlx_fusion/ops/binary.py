@@ -25,8 +25,8 @@ from ..patterns import (Activation, BinaryActivation, BinaryOp, activation_refer
                         as_activation, as_binary_op)
 from .base import FusedOp, OpCase, Spelling
 from .common import (FUSED_DTYPES, activation_grad, as_number, binary_operand_grads, cpu_compile, cpu_reference, f32,
-                     flat1d, runs_mlx_code,
-                     is_fusable_dtype, promote, relu_grad_from_output, sum_to_shape, with_reference_rules)
+                     flat1d, is_fusable_dtype, promote, relu_grad_from_output, runs_mlx_code, sum_to_shape,
+                     with_reference_rules)
 from .scalar import _params, _run, launch_scalar_backward
 
 __all__ = ["fused_binary", "binary_reference", "launch_binary", "launch_binary_backward", "DEFINITION"]
