@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._fusion_state import _FusionState, compile_like_mlx, signature
+from ._shapeless import KNOWN_OUTSIDE, in_shapeless_trace
 from ._sibling_merge import enter, leave, member_class, merging, sibling_groups
 from ._tracing import tracing
 from .graph.module_state import ModuleState
@@ -68,52 +69,57 @@ class FusedModule:
         cfg = state.config()
         if not cfg.enabled:
             return forward(self, *args, **kwargs)
-        if state.origin is not None:
-            state.origin.pull(self)
-        if not kwargs and all(type(a) is _array for a in args):
-            leaves, structure = args, len(args)
-        else:
-            kinds = _arg_kinds(args, kwargs)
-            if kinds in state.plain_calls:  # a decode step: everything below runs plain (see _split)
-                return forward(self, *args, **kwargs)
-            reason = state.split_calls.get(kinds)
-            if reason is not None:  # a decode step of an attention that merges its q/k/v
-                return _split(self, state, forward, reason, args, kwargs)
-            try:
-                leaves, structure, modules = flatten_call(args, kwargs)
-            except Unsafe as e:  # a cache object: attention and cache stay plain MLX
-                out = _split(self, state, forward, str(e), args, kwargs)
-                if merging(state):  # it splits again for these kinds of arguments: skip the walk
-                    state.split_calls[kinds] = str(e)
-                elif state.kids and all(_inert(k[3]) for k in state.kids.values()):
-                    state.plain_calls.add(kinds)
-                return out
-            if modules:
-                return _split(self, state, forward, "a module is passed as an argument", args, kwargs)
-        if state.writes:  # code that writes its own state: each call would retrace
-            return _split(self, state, forward, state.writes, args, kwargs)
-        ms = state.module_state
-        if ms is None or not ms.valid():
-            ms = state.module_state = ModuleState(self)
-        if ms.unsafe:  # an attribute that cannot be keyed
-            return _split(self, state, forward, ms.unsafe, args, kwargs)
-        params, flags = ms.read()  # Dropout & co. read their own flag: all are in the key
-        key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
-               signature(leaves))
-        loose = None if type(structure) is int else (lambda: key[:3] + (_loose(args, kwargs),) + key[4:])
-        entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose,
-                            leaves)
-        if entry.fallback is None:
-            if entry.direct:
-                return _direct(self, state, forward, entry, params, args, kwargs)
-            out = state.run(entry, params + list(leaves))
+        if in_shapeless_trace():
+            # An outer mx.compile(shapeless=True) traces this call: a replay bakes the traced
+            # shapes (reshapes) and fused primitives have no shape rule (docs/never-wrong.md).
+            return forward(self, *args, **kwargs)
+        with KNOWN_OUTSIDE:  # children and replays below skip the probe
+            if state.origin is not None:
+                state.origin.pull(self)
+            if not kwargs and all(type(a) is _array for a in args):
+                leaves, structure = args, len(args)
+            else:
+                kinds = _arg_kinds(args, kwargs)
+                if kinds in state.plain_calls:  # a decode step: everything below runs plain (see _split)
+                    return forward(self, *args, **kwargs)
+                reason = state.split_calls.get(kinds)
+                if reason is not None:  # a decode step of an attention that merges its q/k/v
+                    return _split(self, state, forward, reason, args, kwargs)
+                try:
+                    leaves, structure, modules = flatten_call(args, kwargs)
+                except Unsafe as e:  # a cache object: attention and cache stay plain MLX
+                    out = _split(self, state, forward, str(e), args, kwargs)
+                    if merging(state):  # it splits again for these kinds of arguments: skip the walk
+                        state.split_calls[kinds] = str(e)
+                    elif state.kids and all(_inert(k[3]) for k in state.kids.values()):
+                        state.plain_calls.add(kinds)
+                    return out
+                if modules:
+                    return _split(self, state, forward, "a module is passed as an argument", args, kwargs)
+            if state.writes:  # code that writes its own state: each call would retrace
+                return _split(self, state, forward, state.writes, args, kwargs)
+            ms = state.module_state
+            if ms is None or not ms.valid():
+                ms = state.module_state = ModuleState(self)
+            if ms.unsafe:  # an attribute that cannot be keyed
+                return _split(self, state, forward, ms.unsafe, args, kwargs)
+            params, flags = ms.read()  # Dropout & co. read their own flag: all are in the key
+            key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
+                   signature(leaves))
+            loose = None if type(structure) is int else (lambda: key[:3] + (_loose(args, kwargs),) + key[4:])
+            entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose,
+                                leaves)
             if entry.fallback is None:
-                return out
-        if entry.fallback.startswith(_SPLIT_REASONS):
-            if "writes Python state" in entry.fallback:
-                state.writes = entry.fallback
-            return _split(self, state, forward, entry.fallback, args, kwargs)
-        return forward(self, *args, **kwargs)
+                if entry.direct:
+                    return _direct(self, state, forward, entry, params, args, kwargs)
+                out = state.run(entry, params + list(leaves))
+                if entry.fallback is None:
+                    return out
+            if entry.fallback.startswith(_SPLIT_REASONS):
+                if "writes Python state" in entry.fallback:
+                    state.writes = entry.fallback
+                return _split(self, state, forward, entry.fallback, args, kwargs)
+            return forward(self, *args, **kwargs)
 
     def fusion_states(self) -> List[Tuple[str, _FusionState]]:
         """(name, state) of this module and of every child fused by a split call, recursively."""

@@ -29,7 +29,7 @@ from .. import kernels
 from ..kernels import KernelSpec
 from .add_layer_norm import add_layer_norm_reference, fused_add_layer_norm
 from .base import FusedOp, OpCase, Spelling, Workload
-from .common import FUSED_DTYPES, f32, with_reference_rules
+from .common import FUSED_DTYPES, f32, runs_mlx_code, with_reference_rules
 
 __all__ = ["AddNorm", "fused_add_rms_norm", "add_rms_norm_reference", "fused_add_layer_norm",
            "add_layer_norm_reference", "DEFINITION"]
@@ -166,9 +166,10 @@ def fused_add_rms_norm(x: mx.array, residual: mx.array, weight: Optional[mx.arra
           and residual.shape == x.shape and x.dtype in FUSED_DTYPES
           and all(t.dtype == x.dtype for t in arrays)
           and (weight is None or weight.shape == (x.shape[-1],)))
-    if not ok or kernels.kernel_backend() is None:
+    if not ok or runs_mlx_code():
         # The CPU: MLX's own code is the fused op. Its rms_norm is already one op there, and a
         # custom primitive measured slower than it (docs/add-norm.md), so nothing is replaced.
+        # A shapeless trace accepts no custom primitive (mlx_fusion/_shapeless.py).
         return add_rms_norm_reference(x, residual, weight, eps)
     out = _add_rms_primitive(weight is not None, float(eps))(*arrays)
     return out[0], out[1]

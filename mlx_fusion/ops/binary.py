@@ -3,8 +3,8 @@
 One `mx.custom_function` whose forward runs the `binary_activation` kernel
 (Metal or CUDA, from metal_src/) and whose vjp runs one fused backward kernel
 (activation derivative times cotangent, plus the operand gradients). On the
-CPU, where MLX has no custom-kernel API, forward and backward are the same
-math as MLX expressions under `mx.compile`, which fuses them into one loop.
+CPU, where MLX has no custom-kernel API, the op is MLX's own expression
+(float32 under `mx.compile`), differentiated by MLX: see `common.cpu_reference`.
 
 Inputs MLX cannot fuse here (integer, bool, complex, float64 dtypes; empty
 arrays) run the unfused reference, so results are always what MLX would give.
@@ -24,8 +24,9 @@ from ..kernels import KernelSpec
 from ..patterns import (Activation, BinaryActivation, BinaryOp, activation_reference, activation_spellings,
                         as_activation, as_binary_op)
 from .base import FusedOp, OpCase, Spelling
-from .common import (FUSED_DTYPES, activation_grad, as_number, binary_operand_grads, cpu_compile, f32, flat1d,
-                     is_fusable_dtype, promote, relu_grad_from_output, sum_to_shape, with_reference_rules)
+from .common import (FUSED_DTYPES, activation_grad, as_number, binary_operand_grads, cpu_compile, cpu_reference, f32,
+                     flat1d, is_fusable_dtype, promote, relu_grad_from_output, runs_mlx_code, sum_to_shape,
+                     with_reference_rules)
 from .scalar import _params, _run, launch_scalar_backward
 
 __all__ = ["fused_binary", "binary_reference", "launch_binary", "launch_binary_backward", "DEFINITION"]
@@ -93,13 +94,28 @@ def _mode(op: BinaryOp, act: Activation) -> mx.array:
 
 
 @lru_cache(maxsize=None)
+def _cpu_binary(op: BinaryOp, act: Activation, relu_at_zero: float = 0.0):
+    """The CPU path: act(a op b) as MLX code, with MLX's autodiff (common.cpu_reference)."""
+    fn = activation_reference(act, relu_at_zero)
+    return cpu_reference(lambda a, b: fn(op.reference(a, b)), act)
+
+
+def _fused(op: BinaryOp, act: Activation, relu_at_zero: float):
+    if runs_mlx_code():
+        return _cpu_binary(op, act, relu_at_zero)
+    return _binary_primitive(op, act, relu_at_zero)
+
+
+@lru_cache(maxsize=None)
 def _binary_primitive(op: BinaryOp, act: Activation, relu_at_zero: float = 0.0):
     fn = activation_reference(act, relu_at_zero)
 
     def reference(a, b):
         return fn(op.reference(a, b))
 
-    # CPU: the kernels' math as MLX expressions, in float32 like the kernels
+    # Only reached on the CPU when the device changes between the call and its vjp
+    # (fused_binary sends CPU calls to _cpu_binary): the kernels' math as MLX expressions,
+    # in float32 like the kernels
     # (half-precision cancellation in e.g. 1 + tanh(u) would zero gradients);
     # mx.compile fuses each into one loop, so the casts cost no memory traffic.
     def cpu_forward(a, b):
@@ -181,7 +197,7 @@ def fused_binary(
     if type(a) is mx.array and type(b) is mx.array and a.dtype == b.dtype and a.dtype in FUSABLE:
         shape = a.shape if a.shape == b.shape else None
         if shape is not None and a.size:
-            return _binary_primitive(op, act, float(relu_at_zero))(a, b)
+            return _fused(op, act, float(relu_at_zero))(a, b)
     # A Python or NumPy number is weakly typed: it takes the other operand's float dtype.
     # Anything else that is not two float arrays (ints, bools, NumPy arrays, two numbers)
     # runs the unfused expression: MLX's own promotion, result and errors.
@@ -205,7 +221,7 @@ def fused_binary(
         a = a.astype(dtype)
     if b.dtype != dtype:
         b = b.astype(dtype)
-    return _binary_primitive(op, act, float(relu_at_zero))(a, b)
+    return _fused(op, act, float(relu_at_zero))(a, b)
 
 
 # --- the definition ----------------------------------------------------------------

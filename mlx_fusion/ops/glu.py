@@ -28,7 +28,7 @@ from .. import kernels
 from ..kernels import KernelSpec
 from ..patterns import Activation, GatedActivation, as_activation
 from .base import FusedOp, OpCase, Spelling
-from .common import FUSED_DTYPES, activation_grad, cpu_compile, f32, with_reference_rules
+from .common import FUSED_DTYPES, activation_grad, cpu_compile, f32, runs_mlx_code, with_reference_rules
 from .scalar import _run
 
 __all__ = ["fused_glu", "glu_reference", "launch_glu", "launch_glu_backward", "GLU_ACTIVATIONS", "DEFINITION"]
@@ -153,7 +153,7 @@ def fused_glu(g: mx.array, u: mx.array, activation: Union[str, Activation] = "si
     act = _gate(activation)
     if (isinstance(g, mx.array) and isinstance(u, mx.array) and g.dtype == u.dtype
             and g.dtype in FUSED_DTYPES and g.shape == u.shape and g.size):
-        if kernels.kernel_backend() is None:
+        if runs_mlx_code():  # the CPU, or a shapeless trace
             return _cpu_glu(act)(g, u)
         return _glu_primitive(act)(g, u)
     return glu_reference(g, u, act)
