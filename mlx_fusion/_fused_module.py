@@ -28,6 +28,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._fusion_state import _FusionState, compile_like_mlx, signature
+from ._shapeless import KNOWN_OUTSIDE, in_shapeless_trace
+from ._sibling_merge import enter, leave, member_class, merging, sibling_groups
 from ._tracing import tracing
 from .graph.module_state import ModuleState
 from .graph.trace import call_key, flatten_call, flatten_tree, trace_module_with
@@ -67,47 +69,57 @@ class FusedModule:
         cfg = state.config()
         if not cfg.enabled:
             return forward(self, *args, **kwargs)
-        if state.origin is not None:
-            state.origin.pull(self)
-        if not kwargs and all(type(a) is _array for a in args):
-            leaves, structure = args, len(args)
-        else:
-            kinds = _arg_kinds(args, kwargs)
-            if kinds in state.plain_calls:  # a decode step: everything below runs plain (see _split)
-                return forward(self, *args, **kwargs)
-            try:
-                leaves, structure, modules = flatten_call(args, kwargs)
-            except Unsafe as e:  # a cache object: attention and cache stay plain MLX
-                out = _split(self, state, forward, str(e), args, kwargs)
-                if state.kids and all(_inert(k[3]) for k in state.kids.values()):
-                    state.plain_calls.add(kinds)
-                return out
-            if modules:
-                return _split(self, state, forward, "a module is passed as an argument", args, kwargs)
-        if state.writes:  # code that writes its own state: each call would retrace
-            return _split(self, state, forward, state.writes, args, kwargs)
-        ms = state.module_state
-        if ms is None or not ms.valid():
-            ms = state.module_state = ModuleState(self)
-        if ms.unsafe:  # an attribute that cannot be keyed
-            return _split(self, state, forward, ms.unsafe, args, kwargs)
-        params, flags = ms.read()  # Dropout & co. read their own flag: all are in the key
-        key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
-               signature(leaves))
-        loose = None if type(structure) is int else (lambda: key[:3] + (_loose(args, kwargs),) + key[4:])
-        entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose,
-                            leaves)
-        if entry.fallback is None:
-            if entry.direct:
-                return _direct(self, state, forward, entry, params, args, kwargs)
-            out = state.run(entry, params + list(leaves))
+        if in_shapeless_trace():
+            # An outer mx.compile(shapeless=True) traces this call: a replay bakes the traced
+            # shapes (reshapes) and fused primitives have no shape rule (docs/never-wrong.md).
+            return forward(self, *args, **kwargs)
+        with KNOWN_OUTSIDE:  # children and replays below skip the probe
+            if state.origin is not None:
+                state.origin.pull(self)
+            if not kwargs and all(type(a) is _array for a in args):
+                leaves, structure = args, len(args)
+            else:
+                kinds = _arg_kinds(args, kwargs)
+                if kinds in state.plain_calls:  # a decode step: everything below runs plain (see _split)
+                    return forward(self, *args, **kwargs)
+                reason = state.split_calls.get(kinds)
+                if reason is not None:  # a decode step of an attention that merges its q/k/v
+                    return _split(self, state, forward, reason, args, kwargs)
+                try:
+                    leaves, structure, modules = flatten_call(args, kwargs)
+                except Unsafe as e:  # a cache object: attention and cache stay plain MLX
+                    out = _split(self, state, forward, str(e), args, kwargs)
+                    if merging(state):  # it splits again for these kinds of arguments: skip the walk
+                        state.split_calls[kinds] = str(e)
+                    elif state.kids and all(_inert(k[3]) for k in state.kids.values()):
+                        state.plain_calls.add(kinds)
+                    return out
+                if modules:
+                    return _split(self, state, forward, "a module is passed as an argument", args, kwargs)
+            if state.writes:  # code that writes its own state: each call would retrace
+                return _split(self, state, forward, state.writes, args, kwargs)
+            ms = state.module_state
+            if ms is None or not ms.valid():
+                ms = state.module_state = ModuleState(self)
+            if ms.unsafe:  # an attribute that cannot be keyed
+                return _split(self, state, forward, ms.unsafe, args, kwargs)
+            params, flags = ms.read()  # Dropout & co. read their own flag: all are in the key
+            key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
+                   signature(leaves))
+            loose = None if type(structure) is int else (lambda: key[:3] + (_loose(args, kwargs),) + key[4:])
+            entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose,
+                                leaves)
             if entry.fallback is None:
-                return out
-        if entry.fallback.startswith(_SPLIT_REASONS):
-            if "writes Python state" in entry.fallback:
-                state.writes = entry.fallback
-            return _split(self, state, forward, entry.fallback, args, kwargs)
-        return forward(self, *args, **kwargs)
+                if entry.direct:
+                    return _direct(self, state, forward, entry, params, args, kwargs)
+                out = state.run(entry, params + list(leaves))
+                if entry.fallback is None:
+                    return out
+            if entry.fallback.startswith(_SPLIT_REASONS):
+                if "writes Python state" in entry.fallback:
+                    state.writes = entry.fallback
+                return _split(self, state, forward, entry.fallback, args, kwargs)
+            return forward(self, *args, **kwargs)
 
     def fusion_states(self) -> List[Tuple[str, _FusionState]]:
         """(name, state) of this module and of every child fused by a split call, recursively."""
@@ -119,12 +131,16 @@ class FusedModule:
         return out
 
     def clear_fusion_cache(self) -> None:
-        """Forget all traces (e.g. after replacing a submodule's code)."""
+        """Forget all traces (e.g. after replacing a submodule's code) and merged weights (after
+        writing a weight in place, which keeps its identity: docs/merged-projections.md)."""
         for _, s in self.fusion_states():
             s.cache.clear()
             s.loose.clear()
+            s.weights.records.clear()
+            s.sibling, s.sibling_index = {}, None
             s.writes, s.inert, s.calls, s.fused = None, False, 0, 0
             s.plain_calls.clear()
+            s.split_calls.clear()
 
     def __reduce_ex__(self, protocol):
         # copy.deepcopy and pickle: the same module with a fresh (empty) trace cache.
@@ -199,7 +215,8 @@ def _inert(s: _FusionState) -> bool:
     inert then run as plain MLX. Only speed depends on this: a fusion a later
     shape would have found is missed, never a result changed.
     """
-    if not s.inert and s.calls >= 2 and s.fused == 0 and all(_inert(k[3]) for k in s.kids.values()):
+    if (not s.inert and s.calls >= 2 and s.fused == 0 and all(_inert(k[3]) for k in s.kids.values())
+            and not merging(s)):
         s.inert = True
     return s.inert
 
@@ -208,10 +225,21 @@ def _split(module, state: _FusionState, forward, reason: str, args, kwargs):
     """Run the module's own forward with its direct children fused (module docstring)."""
     state.split[reason] = state.split.get(reason, 0) + 1
     registry = _child_states()
-    swapped = []
+    swapped, children = [], _children(module)
+    # q/k/v of an attention called with a cache: merged here, as they are never traced together
+    groups = sibling_groups(state, children) if state.config().merge_projections else {}
+    saved = enter(groups)
     try:
-        for path, child in _children(module):
+        for path, child in children:
             cls = type(child)
+            slot = groups.get(id(child))
+            if slot is not None and (not slot[0].learned or slot[1] in slot[0].learned):
+                try:  # (object's __setattr__: nn.Module's costs 5x more for the same effect)
+                    object.__setattr__(child, "__class__", member_class(cls))
+                except TypeError:
+                    continue
+                swapped.append((child, cls, registry.get(id(child))))
+                continue
             if isinstance(child, FusedModule):
                 continue  # fused by the user, or swapped by an enclosing call
             kid = state.kids.get(id(child))
@@ -229,8 +257,9 @@ def _split(module, state: _FusionState, forward, reason: str, args, kwargs):
             registry[id(child)] = kid[3]
         return forward(module, *args, **kwargs)
     finally:
+        leave(groups, saved)
         for child, cls, previous in swapped:
-            child.__class__ = cls
+            object.__setattr__(child, "__class__", cls)
             if previous is None:
                 registry.pop(id(child), None)
             else:

@@ -19,7 +19,9 @@ import mlx.core as mx
 from .config import get_config
 from .control import ModuleFilter
 from .log import logger
+from ._merged_replay import MergedReplay, WeightCache, merge_sites, record_merges
 from .graph.interpreter import UnsupportedPrimitive, plan
+from .graph.merge import unmerged
 from .graph.ir import Graph
 from .graph.module_state import Hashed
 from .graph.trace import TraceError, unflatten_tree
@@ -128,7 +130,11 @@ class _FusionState:
         self.origin, self.module_state, self.kids = None, None, {}
         self.calls, self.fused, self.inert = 0, 0, False  # see _fused_module._inert
         self.plain_calls = set()  # argument types of split calls whose children all run plain
+        self.split_calls: Dict[tuple, str] = {}  # argument types -> reason: split calls that merge (see merging)
         self._last = (None, None, None, None)  # (config, its key, params, their signature)
+        self.weights = WeightCache()  # merged projections' concatenated weights, shared by the traces
+        self.sibling: Dict[tuple, Any] = {}  # split calls: groups of child projections (_sibling_merge)
+        self.sibling_index = None  # (children, their classes, groups) of the last split call
         REGISTRY.add(self)
 
     def config(self):
@@ -210,9 +216,12 @@ class _FusionState:
         offloaded = _offload(graph, cfg, params, training) if cfg.neural_engine else 0
         try:
             graph.meta["traced_nodes"] = len(graph)
-            opt = FusionOptimizer(cfg, price=price, compiled_replay=self.compile and not offloaded,
-                                  scope=self.filter.for_graph(graph))
+            scope = self.filter.for_graph(graph)
+            # Before the rules, so a GLU reading the merged gate/up outputs is still matched.
+            sites = merge_sites(graph, cfg, scope) if cfg.merge_projections and not offloaded else []
+            opt = FusionOptimizer(cfg, price=price, compiled_replay=self.compile and not offloaded, scope=scope)
             stats = opt.optimize(graph)
+            record_merges(stats, sites, graph)
             if opt.skipped:
                 self.extra["skipped"] = opt.skipped
             graph.lint()
@@ -232,6 +241,8 @@ class _FusionState:
         try:
             # Core ML blocks read their inputs as NumPy, which mx.compile forbids.
             replay = plan(graph, compile=self.compile and not offloaded)
+            if sites:
+                replay = MergedReplay(replay, plan(unmerged(graph), compile=self.compile), sites, self.weights)
         except UnsupportedPrimitive as e:
             for d in stats.decisions:  # the same objects the merged stats hold: explain shows why
                 if d.fused:

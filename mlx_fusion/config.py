@@ -53,6 +53,11 @@ class FusionConfig:
             (``BinaryActivation(BinaryOp.ADD, Activation.RELU)``) or pattern
             names (``"add+relu"``, ``"linear+bias+relu"``). An unknown name raises
             ``ValueError`` listing the valid ones (`pattern_names()`).
+        merge_projections (bool): run projections of one input (q/k/v, gate/up) as one
+            matmul against their concatenated weights, built once per set of weight arrays
+            and reused while the same arrays come back (inference). The concatenation is a
+            second copy of those weights in memory, hence opt-in
+            (docs/merged-projections.md). Default: ``False``.
     """
 
     enabled: bool = True
@@ -62,12 +67,13 @@ class FusionConfig:
     cpu: bool = True
     neural_engine: bool = False
     enabled_patterns: Optional[frozenset] = None
+    merge_projections: bool = False
 
     def __post_init__(self):
         if isinstance(self.min_tensor_size, bool) or not isinstance(self.min_tensor_size, int) \
                 or self.min_tensor_size < 0:
             raise ValueError(f"min_tensor_size must be an int >= 0, got {self.min_tensor_size!r}")
-        for name in ("enabled", "metal", "cuda", "cpu", "neural_engine"):
+        for name in ("enabled", "metal", "cuda", "cpu", "neural_engine", "merge_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         pats = self.enabled_patterns

@@ -25,6 +25,7 @@ import mlx.nn as nn
 
 from ._fused_module import FusedModule, fuse_module
 from ._fusion_state import REGISTRY, FusionFallbackWarning, _FusionState, compile_like_mlx, optimizer_stats, signature
+from ._shapeless import KNOWN_OUTSIDE, in_shapeless_trace
 from ._tracing import tracing
 from .control import ModuleFilter
 from .graph.module_state import Identity, ModuleState, Unsafe, static_key
@@ -72,49 +73,52 @@ class FusedFunction:
         cfg = state.config()
         if not cfg.enabled or state.writes:  # code that writes state would retrace every call
             return self._fn(*args, **kwargs)
-        states, modules = [], ()
-        if not kwargs and all(type(a) is mx.array for a in args):
-            leaves, structure = args, len(args)  # the common case, without a tree walk
-        else:
-            try:
-                leaves, structure, modules = flatten_call(args, kwargs)
-            except Unsafe as e:
-                state.fall_back(f"{e}: a trace would bake it in", stacklevel=3)
-                return self._fn(*args, **kwargs)
-            states = [self._module_state(m) for m in modules]
-        closure_key = ()
-        if self._cells or self._names or self._bound is not None:
-            closure_key, more = self._closure()
-            states += [s for s in more if all(s is not t for t in states)]
-        if states:
-            for s in states:
-                if getattr(s, "unsafe", None):
-                    state.fall_back(s.unsafe, stacklevel=3)
+        if in_shapeless_trace():  # an outer shapeless mx.compile: see FusedModule.__call__
+            return self._fn(*args, **kwargs)
+        with KNOWN_OUTSIDE:  # the replay's fused ops and fused modules skip the probe
+            states, modules = [], ()
+            if not kwargs and all(type(a) is mx.array for a in args):
+                leaves, structure = args, len(args)  # the common case, without a tree walk
+            else:
+                try:
+                    leaves, structure, modules = flatten_call(args, kwargs)
+                except Unsafe as e:
+                    state.fall_back(f"{e}: a trace would bake it in", stacklevel=3)
                     return self._fn(*args, **kwargs)
-        params, modules_key = [], []
-        for s in states:
-            p, flags = s.read()
-            params += p
-            modules_key.append((getattr(s, "hkey", None), flags))
-        key = (state.config_key(cfg), structure, tuple(modules_key), signature(params), signature(leaves),
-               closure_key)
-        loose = None if type(structure) is int else (
-            lambda: (key[0], call_key(flatten_tree((args, kwargs))[1], loose=True)) + key[2:])
-        entry = state.entry(key, lambda: _trace_flat(self._fn, states, args, kwargs, function_roots(self._fn)),
-                            cfg, params, loose=loose, inputs=leaves)
-        if entry.fallback is None:
-            if entry.direct:
-                if not state.compile or entry.eager or type(structure) is not int and modules:
-                    return self._fn(*args, **kwargs)  # mx.compile takes no module arguments
-                if entry.replay is None:
-                    entry.replay = compile_like_mlx(_threading(self._fn, states), entry.rng_out, args, kwargs)
-                return entry.replay(params, *args, **kwargs)
-            out = state.run(entry, params + list(leaves))
+                states = [self._module_state(m) for m in modules]
+            closure_key = ()
+            if self._cells or self._names or self._bound is not None:
+                closure_key, more = self._closure()
+                states += [s for s in more if all(s is not t for t in states)]
+            if states:
+                for s in states:
+                    if getattr(s, "unsafe", None):
+                        state.fall_back(s.unsafe, stacklevel=3)
+                        return self._fn(*args, **kwargs)
+            params, modules_key = [], []
+            for s in states:
+                p, flags = s.read()
+                params += p
+                modules_key.append((getattr(s, "hkey", None), flags))
+            key = (state.config_key(cfg), structure, tuple(modules_key), signature(params), signature(leaves),
+                   closure_key)
+            loose = None if type(structure) is int else (
+                lambda: (key[0], call_key(flatten_tree((args, kwargs))[1], loose=True)) + key[2:])
+            entry = state.entry(key, lambda: _trace_flat(self._fn, states, args, kwargs, function_roots(self._fn)),
+                                cfg, params, loose=loose, inputs=leaves)
             if entry.fallback is None:
-                return out
-        elif "writes Python state" in entry.fallback:
-            state.writes = entry.fallback
-        return self._fn(*args, **kwargs)
+                if entry.direct:
+                    if not state.compile or entry.eager or type(structure) is not int and modules:
+                        return self._fn(*args, **kwargs)  # mx.compile takes no module arguments
+                    if entry.replay is None:
+                        entry.replay = compile_like_mlx(_threading(self._fn, states), entry.rng_out, args, kwargs)
+                    return entry.replay(params, *args, **kwargs)
+                out = state.run(entry, params + list(leaves))
+                if entry.fallback is None:
+                    return out
+            elif "writes Python state" in entry.fallback:
+                state.writes = entry.fallback
+            return self._fn(*args, **kwargs)
 
     def _closure(self):
         """(key of what the code reads besides its arguments, states to thread).

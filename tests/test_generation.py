@@ -46,6 +46,17 @@ def greedy(model, cache_kind, n, prefill_step_size=2048):
     return [int(t) for t, _ in steps]
 
 
+def unfused_greedy(model, cache_kind, n, prefill_step_size=2048):
+    try:
+        return greedy(model, cache_kind, n, prefill_step_size)
+    except RuntimeError as e:
+        # MLX's CUDA backend has no quantized_matmul for some small shapes (seen on the H200 with
+        # the 8-bit, group-32 QuantizedKVCache): the unfused model fails, nothing to compare.
+        if "No implementation for problem shape" in str(e):
+            pytest.skip(f"unfused MLX fails: {e}")
+        raise
+
+
 def tiny_gpt2():
     from mlx_lm.models import gpt2
 
@@ -73,7 +84,7 @@ def models(model):
     ("gpt2", "kv", 2048), ("gpt2", "rotating", 3)])
 def test_greedy_tokens_match_and_decode_does_not_retrace(models, arch, cache_kind, prefill, compile):
     model = models[arch]
-    want = greedy(model, cache_kind, 10, prefill)
+    want = unfused_greedy(model, cache_kind, 10, prefill)
     fused = fuse(model, ALL, compile=compile)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FusionFallbackWarning)

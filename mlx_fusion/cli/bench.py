@@ -29,7 +29,7 @@ MODEL_DROP_ORDER = ("over resident MiB", "peak MiB", "max |diff|", "fusions", "t
 # Options of one mode only: giving one in the other mode is a usage error (exit 2).
 _OPS_ONLY = {"ops": "--ops", "dtypes": "--dtypes", "sizes": "--sizes", "backward": "--backward",
              "no_cache": "--no-cache"}
-_MODEL_ONLY = {"min_size": "--min-size"}
+_MODEL_ONLY = {"min_size": "--min-size", "merge_projections": "--merge-projections"}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -61,6 +61,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--no-cache", action="store_true", help="ops only: do not update the performance cache")
     b.add_argument("--min-size", type=non_negative_int, metavar="N",
                    help="--model only: fuse outputs of at least N elements (default: the config's, 4096)")
+    b.add_argument("--merge-projections", action="store_true",
+                   help="--model only: FusionConfig(merge_projections=True): q/k/v and gate/up projections as "
+                   "one matmul against concatenated weights (a second copy of those weights; "
+                   "docs/merged-projections.md)")
     b.set_defaults(func=cmd_bench)
     return b
 
@@ -190,6 +194,8 @@ def _bench_model(args) -> int:
     report = env(args.argv)
     timing = default_timing(args.quick)
     overrides = {} if args.min_size is None else {"min_tensor_size": args.min_size}
+    if args.merge_projections:
+        overrides["merge_projections"] = True
     shapes = ", ".join(f"{dtype_name(a.dtype)}{list(a.shape)}" for a in inputs)
     out.print(f"device: {report['device']}   mlx {report['mlx_version']}   model {args.model}: "
               f"{parameter_count(model):,} parameters, inputs {shapes}", markup=False, emoji=False)

@@ -27,6 +27,7 @@ from .index_primitives import scatter as _scatter
 from .model_primitives import QMODES as _QMODES, cross_entropy as _cross_entropy, gather_mm as _gather_mm
 from .model_primitives import gather_qmm as _gather_qmm, quantized_matmul as _qmm, rope as _rope, sdpa as _sdpa
 from .model_primitives import layer_norm_vjp as _layer_norm_vjp, rms_norm_vjp as _rms_norm_vjp, sdpa_vjp as _sdpa_vjp
+from .merge import NODE_OP as _MERGED, merged_primitive as _merged_primitive
 
 __all__ = ["PRIMITIVES", "UnsupportedPrimitive", "register_primitive", "plan", "Replay", "run_graph"]
 
@@ -292,6 +293,8 @@ PRIMITIVES: Dict[str, Callable] = {
     # fused nodes written by mlx_fusion.graph.rules
     **_fused_entries(),
 }
+# several projections of one input as one matmul (graph/merge.py); runs its members' own entries
+PRIMITIVES[_MERGED] = _merged_primitive(lambda op: PRIMITIVES[op])
 
 
 def _pad_width(ndim, axes, low, high):

@@ -135,6 +135,9 @@ def _row(pass_, variant, **kw) -> dict:
 
 
 def _fusions(fn) -> Optional[int]:
+    states = getattr(fn, "fusion_states", None)
+    if states is not None:  # a split model (decoding with a cache) fuses its children: count theirs too
+        return sum(s.stats.applied_count for _, s in states())
     stats = getattr(fn, "fusion_stats", None) or getattr(fn, "stats", None)
     return getattr(stats, "applied_count", None)
 

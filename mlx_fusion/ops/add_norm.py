@@ -29,7 +29,7 @@ from .. import kernels
 from ..kernels import KernelSpec
 from .add_layer_norm import add_layer_norm_reference, fused_add_layer_norm
 from .base import FusedOp, OpCase, Spelling, Workload
-from .common import FUSED_DTYPES, f32, with_reference_rules
+from .common import FUSED_DTYPES, f32, runs_mlx_code, with_reference_rules
 
 __all__ = ["AddNorm", "fused_add_rms_norm", "add_rms_norm_reference", "fused_add_layer_norm",
            "add_layer_norm_reference", "DEFINITION"]
@@ -179,7 +179,7 @@ def fused_add_rms_norm(x: mx.array, residual: mx.array, weight: Optional[mx.arra
             and x.dtype == residual.dtype and x.dtype in FUSED_DTYPES and x.ndim and x.size
             and (weight is None or (type(weight) is mx.array and weight.dtype == x.dtype
                                     and weight.shape == x.shape[-1:]))
-            and kernels.kernel_backend() is not None):
+            and not runs_mlx_code()):
         if weight is None:
             out = _add_rms_primitive(False, float(eps))(x, residual)
         else:
@@ -187,6 +187,7 @@ def fused_add_rms_norm(x: mx.array, residual: mx.array, weight: Optional[mx.arra
         return out[0], out[1]
     # The CPU: MLX's own code is the fused op. Its rms_norm is already one op there, and a
     # custom primitive measured slower than it (docs/add-norm.md), so nothing is replaced.
+    # A shapeless trace accepts no custom primitive (mlx_fusion/_shapeless.py).
     return add_rms_norm_reference(x, residual, weight, eps)
 
 

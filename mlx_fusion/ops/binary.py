@@ -3,8 +3,8 @@
 One `mx.custom_function` whose forward runs the `binary_activation` kernel
 (Metal or CUDA, from metal_src/) and whose vjp runs one fused backward kernel
 (activation derivative times cotangent, plus the operand gradients). On the
-CPU, where MLX has no custom-kernel API, forward and backward are the same
-math as MLX expressions under `mx.compile`, which fuses them into one loop.
+CPU, where MLX has no custom-kernel API, the op is MLX's own expression
+(float32 under `mx.compile`), differentiated by MLX: see `common.cpu_reference`.
 
 Inputs MLX cannot fuse here (integer, bool, complex, float64 dtypes; empty
 arrays) run the unfused reference, so results are always what MLX would give.
@@ -24,9 +24,9 @@ from ..kernels import KernelSpec
 from ..patterns import (Activation, BinaryActivation, BinaryOp, activation_reference, activation_spellings,
                         as_activation, as_binary_op)
 from .base import FusedOp, OpCase, Spelling
-from .common import (FUSED_DTYPES, activation_grad, as_number, binary_operand_grads, cpu_compile, f32, flat1d,
-                     is_fusable_dtype, promote, relu_grad_from_output, same_shape_launch, sum_to_shape,
-                     with_reference_rules)
+from .common import (FUSED_DTYPES, activation_grad, as_number, binary_operand_grads, cpu_compile, cpu_reference, f32,
+                     flat1d, is_fusable_dtype, promote, relu_grad_from_output, runs_mlx_code, same_shape_launch,
+                     sum_to_shape, with_reference_rules)
 from .scalar import _params, _run, launch_scalar_backward
 
 __all__ = ["fused_binary", "binary_reference", "launch_binary", "launch_binary_backward", "DEFINITION"]
@@ -97,13 +97,28 @@ _LAUNCHES = kernels.LaunchCache("binary_activation", same_shape_launch)  # same-
 
 
 @lru_cache(maxsize=None)
+def _cpu_binary(op: BinaryOp, act: Activation, relu_at_zero: float = 0.0):
+    """The CPU path: act(a op b) as MLX code, with MLX's autodiff (common.cpu_reference)."""
+    fn = activation_reference(act, relu_at_zero)
+    return cpu_reference(lambda a, b: fn(op.reference(a, b)), act)
+
+
+def _fused(op: BinaryOp, act: Activation, relu_at_zero: float):
+    if runs_mlx_code():
+        return _cpu_binary(op, act, relu_at_zero)
+    return _binary_primitive(op, act, relu_at_zero)
+
+
+@lru_cache(maxsize=None)
 def _binary_primitive(op: BinaryOp, act: Activation, relu_at_zero: float = 0.0):
     fn = activation_reference(act, relu_at_zero)
 
     def reference(a, b):
         return fn(op.reference(a, b))
 
-    # CPU: the kernels' math as MLX expressions, in float32 like the kernels
+    # Only reached on the CPU when the device changes between the call and its vjp
+    # (fused_binary sends CPU calls to _cpu_binary): the kernels' math as MLX expressions,
+    # in float32 like the kernels
     # (half-precision cancellation in e.g. 1 + tanh(u) would zero gradients);
     # mx.compile fuses each into one loop, so the casts cost no memory traffic.
     def cpu_forward(a, b):
@@ -188,13 +203,13 @@ def fused_binary(
     # arguments seen before (their primitive is looked up by the arguments as passed).
     if type(a) is mx.array and type(b) is mx.array:
         try:
-            prim = _SEEN.get((op, activation, relu_at_zero))
+            fns = _SEEN.get((op, activation, relu_at_zero))
         except TypeError:  # an unhashable argument: the checks below judge it
-            prim = None
+            fns = None
         dtype = a.dtype
-        if (prim is not None and a.shape == b.shape and dtype == b.dtype and dtype in FUSABLE and a.size
+        if (fns is not None and a.shape == b.shape and dtype == b.dtype and dtype in FUSABLE and a.size
                 and not tracing()):
-            return prim(a, b)
+            return (fns[0] if runs_mlx_code() else fns[1])(a, b)  # see _fused
     key = (op, activation, relu_at_zero)
     op, act = as_binary_op(op), as_activation(activation)
     if tracing():  # inside a fuse() trace: plain MLX ops, which the trace can capture and re-match
@@ -222,13 +237,13 @@ def fused_binary(
         a = a.astype(dtype)
     if b.dtype != dtype:
         b = b.astype(dtype)
-    prim = _binary_primitive(op, act, float(relu_at_zero))
+    relu = float(relu_at_zero)
     if len(_SEEN) < _SEEN_SIZE and type(relu_at_zero) in (float, int):  # not arrays: hashed by identity
-        _SEEN[key] = prim
-    return prim(a, b)
+        _SEEN[key] = (_cpu_binary(op, act, relu), _binary_primitive(op, act, relu))
+    return _fused(op, act, relu)(a, b)
 
 
-# (op, activation, relu_at_zero) as callers pass them -> their primitive; a few dozen in practice.
+# (op, activation, relu_at_zero) as callers pass them -> (CPU function, GPU primitive); a few dozen.
 _SEEN: dict = {}
 _SEEN_SIZE = 256
 

@@ -11,6 +11,8 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from .. import kernels
+from .._shapeless import in_shapeless_trace
 from ..kernels import make_launch
 from ..patterns import Activation, BinaryOp
 
@@ -178,3 +180,31 @@ CPU_EAGER_FORWARD = frozenset({Activation.GELU_APPROX})
 def cpu_compile(fn, act: Activation):
     """mx.compile(fn), except for activations whose compiled CPU code is slower."""
     return fn if act in CPU_EAGER_FORWARD else mx.compile(fn)
+
+
+def runs_mlx_code() -> bool:
+    """Does a fused op run its MLX expression here instead of its kernels? On the CPU
+    (no kernel API), and inside a shapeless mx.compile, which accepts no custom_function
+    or custom kernel (mlx_fusion/_shapeless.py); asked only when a GPU backend is active."""
+    return kernels.kernel_backend() is None or in_shapeless_trace()
+
+
+def cpu_reference(fn, act: Activation):
+    """The CPU path of a fused op: its unfused MLX expression `fn`, differentiated by MLX.
+
+    Not a custom vjp: under mx.grad / mx.vjp every array is a tracer and MLX runs a compiled
+    function with tracer inputs op by op (mlx/compile.cpp), so a custom vjp's "fused" CPU
+    backward is eager MLX code, and its memory-lean form (a select on the output, or the
+    activation recomputed) was slower than MLX's own autodiff; inside an outer mx.compile the
+    custom function is an opaque node that the compiler cannot fuse across, and one that no
+    shapeless compile accepts. Float32 calls run `fn` under mx.compile (one loop when called
+    eagerly); 16-bit ones run it as is: MLX's compiled CPU code converts each intermediate
+    to and from the 16-bit type, which measured slower than its eager vectorized ops
+    (docs/performance.md, "CPU backward"). Either way the values are the unfused code's.
+    """
+    compiled = cpu_compile(fn, act)
+
+    def run(*args):
+        return compiled(*args) if args[0].dtype == mx.float32 else fn(*args)
+
+    return run

@@ -28,7 +28,8 @@ from .. import kernels
 from ..kernels import KernelSpec
 from ..patterns import Activation, GatedActivation, as_activation
 from .base import FusedOp, OpCase, Spelling
-from .common import FUSED_DTYPES, activation_grad, cpu_compile, f32, same_shape_launch, with_reference_rules
+from .common import FUSED_DTYPES, activation_grad, cpu_compile, f32, runs_mlx_code, same_shape_launch, \
+    with_reference_rules
 from .scalar import _run
 
 __all__ = ["fused_glu", "glu_reference", "launch_glu", "launch_glu_backward", "GLU_ACTIVATIONS", "DEFINITION"]
@@ -170,7 +171,7 @@ def fused_glu(g: mx.array, u: mx.array, activation: Union[str, Activation] = "si
             _SEEN[activation] = fns
     if (isinstance(g, mx.array) and isinstance(u, mx.array) and g.shape == u.shape and g.dtype == u.dtype
             and g.dtype in FUSED_DTYPES and g.size):
-        return fns[0](g, u) if kernels.kernel_backend() is None else fns[1](g, u)
+        return fns[0](g, u) if runs_mlx_code() else fns[1](g, u)  # the CPU, or a shapeless trace
     return glu_reference(g, u, fns[2])
 
 

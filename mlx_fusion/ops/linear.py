@@ -14,6 +14,12 @@ and dW = dz.T @ x, and a reduction for the bias gradient.
 
 With no activation there is nothing to add to MLX: `mx.addmm` already fuses the
 bias into the GEMM, so that is what runs.
+
+On the CPU, and inside a shapeless mx.compile, the op is MLX code with MLX's autodiff
+(see `common.cpu_reference`): float32 as act(mx.addmm(bias, x, weight.T)), the bias in
+the GEMM and the activation compiled; 16-bit types as the unfused act(x @ weight.T + bias).
+Never `mx.addmm` in a shapeless trace: there MLX 0.32.4's AddMM with a broadcast bias
+returns wrong values for a new batch size, then corrupts the heap (docs/never-wrong.md).
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from .. import kernels
+from .._shapeless import in_shapeless_trace
 from .._tracing import tracing
 from ..kernels import KernelSpec
 from ..patterns import Activation, LinearLayer, activation_reference, activation_spellings, as_activation
 from .base import FusedOp, OpCase, Spelling, Workload
-from .common import (activation_grad, cpu_compile, f32, is_fusable_dtype, promote, relu_grad_from_output,
-                     tangents_for)
+from .common import (activation_grad, cpu_compile, cpu_reference, f32, is_fusable_dtype, promote,
+                     relu_grad_from_output, runs_mlx_code, tangents_for)
 from .scalar import _params, launch_scalar, launch_scalar_backward
 
 __all__ = ["fused_linear", "linear_reference", "SMALL_M_ROWS", "DEFINITION"]
@@ -170,6 +177,14 @@ def _linear_primitive(act: Activation, has_bias: bool, relu_at_zero: float = 0.0
     return fused, keep_z
 
 
+@lru_cache(maxsize=None)
+def _mlx_epilogue_of(act: Activation, relu_at_zero: float, has_bias: bool):
+    """The MLX-code path's epilogue, act(y + bias) or act(y) for the product y, with MLX's
+    autodiff (common.cpu_reference)."""
+    fn = activation_reference(act, relu_at_zero)
+    return cpu_reference((lambda y, b: fn(y + b)) if has_bias else fn, act)
+
+
 def _empty_linear(x, weight, bias, act, dtype, relu_at_zero):
     """An empty product (M, N or K = 0) without a GEMM: its sum over K is zero.
     (MLX 0.32.4's CUDA matmul crashes on some empty operands.)"""
@@ -219,7 +234,18 @@ def fused_linear(
     if act is None:
         if bias is None:
             return x @ weight.T
+        if in_shapeless_trace():  # AddMM is wrong there (see the module docstring)
+            return linear_reference(x, weight, bias)
         return mx.addmm(bias, x, weight.T)
+    if runs_mlx_code():
+        # No reshapes: a shapeless compile replays this code with new shapes.
+        tie = float(relu_at_zero)
+        if bias is not None and dtype == mx.float32 and all(t.dtype == dtype for t in arrays) \
+                and not in_shapeless_trace():
+            # The bias in MLX's CPU GEMM: 1.02-1.2x the unfused float32 code (docs/performance.md).
+            return _mlx_epilogue_of(act, tie, False)(mx.addmm(bias, x, weight.T))
+        y = x @ weight.T
+        return _mlx_epilogue_of(act, tie, True)(y, bias) if bias is not None else _mlx_epilogue_of(act, tie, False)(y)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     args = [x2, weight]

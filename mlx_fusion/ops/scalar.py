@@ -2,8 +2,8 @@
 
 One `mx.custom_function` whose forward runs the `scalar_activation` kernel
 (Metal or CUDA, metal_src/) and whose vjp runs `scalar_activation_backward`. On
-the CPU, where MLX has no custom-kernel API, both are the same math as MLX
-expressions under `mx.compile`, which fuses each into one loop. Inputs MLX
+the CPU, where MLX has no custom-kernel API, the op is MLX's own expression
+(float32 under `mx.compile`), differentiated by MLX: see `common.cpu_reference`. Inputs MLX
 cannot fuse here (integer, bool, complex, float64 dtypes; empty arrays) run the
 unfused reference, so results are always what MLX would give.
 
@@ -25,8 +25,8 @@ from ..kernels import KernelSpec
 from ..patterns import (Activation, ScalarActivation, ScalarOp, activation_reference, activation_spellings,
                         as_activation)
 from .base import FusedOp, OpCase, Spelling
-from .common import (FUSED_DTYPES, activation_grad, as_number, cpu_compile, elementwise_launch, f32, is_fusable_dtype,
-                     promote, same_shape_launch, with_reference_rules)
+from .common import (FUSED_DTYPES, activation_grad, as_number, cpu_compile, cpu_reference, elementwise_launch, f32,
+                     is_fusable_dtype, promote, runs_mlx_code, same_shape_launch, with_reference_rules)
 
 __all__ = ["fused_scalar", "scalar_reference", "launch_scalar", "launch_scalar_backward", "DEFINITION"]
 
@@ -84,6 +84,14 @@ def launch_scalar_backward(x: mx.array, p: mx.array, g: mx.array) -> mx.array:
     return _run("scalar_activation_backward", [xk, p, gk], [xk.shape], x.dtype, x.size)[0].reshape(x.shape)
 
 
+@lru_cache(maxsize=_PARAMS_CACHE_SIZE)
+def _cpu_scalar(act: Activation, relu_at_zero: float, scale: float, shift: float):
+    """The CPU path for number scale and shift: act(x * scale + shift) as MLX code, with
+    MLX's autodiff (common.cpu_reference); one function per value, as `_params`."""
+    fn = activation_reference(act, relu_at_zero)
+    return cpu_reference(lambda x: fn(x * scale + shift), act)
+
+
 @lru_cache(maxsize=None)
 def _scalar_primitive(act: Activation, relu_at_zero: float = 0.0, stop_p: bool = False):
     """stop_p: p is computed from the caller's scale/shift arrays (not a cached constant)."""
@@ -95,6 +103,8 @@ def _scalar_primitive(act: Activation, relu_at_zero: float = 0.0, stop_p: bool =
     def dz_of(x, p, g):  # in float32, as the kernels compute
         return f32(g) * activation_grad(act, f32(x) * p[0] + p[1], relu_at_zero)
 
+    # Only reached on the CPU when the device changes between the call and its vjp
+    # (fused_scalar sends CPU calls to the unfused code): the kernels' math in float32.
     cpu_forward = cpu_compile(lambda x, p: fn(f32(x) * p[0] + p[1]).astype(x.dtype), act)
     cpu_backward = mx.compile(lambda x, p, g: (dz_of(x, p, g) * p[0]).astype(x.dtype))
 
@@ -172,6 +182,8 @@ def fused_scalar(
         except TypeError:  # an unhashable argument: the checks below judge it
             seen = None
         if seen is not None and x.dtype in FUSABLE and x.size and not tracing():
+            if runs_mlx_code():  # the CPU, or a shapeless trace
+                return _cpu_scalar(seen[1], seen[2], scale, shift)(x)
             return seen[0](x, _params(scale, shift, seen[1]))
     key = (activation, relu_at_zero)
     act = as_activation(activation)
@@ -182,6 +194,7 @@ def fused_scalar(
     s, t = _check_number("scale", scale), _check_number("shift", shift)
     if s is _MLX_DECIDES or t is _MLX_DECIDES or not is_fusable_dtype(x.dtype) or x.size == 0:
         return scalar_reference(x, scale, shift, act, relu_at_zero)
+    cpu = runs_mlx_code()
     if isinstance(s, mx.array) or isinstance(t, mx.array):
         scale_a, shift_a = (v if isinstance(v, mx.array) else mx.array(v, dtype=x.dtype) for v in (s, t))
         if scale_a.size != 1 or shift_a.size != 1:
@@ -189,7 +202,8 @@ def fused_scalar(
                 "fused_scalar: scale and shift must be scalars (one element); "
                 f"got shapes {scale_a.shape} and {shift_a.shape} — use fused_binary for tensors"
             )
-        if not all(is_fusable_dtype(d) for d in (scale_a.dtype, shift_a.dtype)):
+        if cpu or not all(is_fusable_dtype(d) for d in (scale_a.dtype, shift_a.dtype)):
+            # The CPU (or a shapeless trace): MLX's own code and autodiff; rare, so not compiled.
             return scalar_reference(x, scale, shift, act, relu_at_zero)
         out_shape = mx.broadcast_shapes(x.shape, scale_a.shape, shift_a.shape)
         dtype = promote(x.dtype, scale_a.dtype, shift_a.dtype)
@@ -198,13 +212,15 @@ def fused_scalar(
         xk = x.astype(dtype) if x.dtype != dtype else x
         y = _scalar_primitive(act, float(relu_at_zero), True)(xk, p)
         return y.reshape(out_shape) if tuple(y.shape) != tuple(out_shape) else y
-    prim = _scalar_primitive(act, float(relu_at_zero))
+    relu = float(relu_at_zero)
     if len(_SEEN) < 256 and type(relu_at_zero) in (float, int):  # not arrays: hashed by identity
-        _SEEN[key] = (prim, act)
-    return prim(x, _params(s, t, act))
+        _SEEN[key] = (_scalar_primitive(act, relu), act, relu)
+    if cpu:
+        return _cpu_scalar(act, relu, s, t)(x)
+    return _scalar_primitive(act, relu)(x, _params(s, t, act))
 
 
-# (activation, relu_at_zero) as callers pass them -> (primitive, Activation).
+# (activation, relu_at_zero) as callers pass them -> (GPU primitive, Activation, relu_at_zero).
 _SEEN: dict = {}
 FUSABLE = frozenset(FUSED_DTYPES)
 

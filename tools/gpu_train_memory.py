@@ -1,0 +1,68 @@
+"""Peak memory of a compiled training step, one process per variant (issue 11: fused llama with
+0 fusions measured 1.2-1.3x the peak of mx.compile inside `mlx-fusion bench --model`).
+
+    PYTHONPATH=$PWD:$PWD/.device/py python3 tools/gpu_train_memory.py [SPEC]
+
+Each variant (mx.compile, fused+compile, eager, fused) runs in a fresh Python process, so no
+allocator cache, trace cache or buffer of another variant is alive: if the ratio is ~1.0 here,
+the bench's numbers came from measuring variants side by side in one process.
+"""
+
+import json
+import subprocess
+import sys
+import time
+
+SPEC = ("mlx-lm:llama:hidden_size=2048,num_hidden_layers=8,intermediate_size=5632,num_attention_heads=16,"
+        "num_key_value_heads=8,vocab_size=32000,batch=4,seq=513,dtype=bfloat16")
+
+
+def child(spec: str, variant: str) -> dict:
+    import mlx.core as mx
+
+    from mlx_fusion import fuse
+    from mlx_fusion.lm.spec import build
+    from mlx_fusion.lm.timing import train_step
+
+    model, (tokens,) = build(spec)
+    target = model if variant in ("eager", "mx.compile") else fuse(model, compile=variant == "fused+compile")
+    step = train_step(target, compiled=variant in ("mx.compile", "fused+compile"))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    mx.eval(step(x, y))
+    mx.synchronize()
+    resident = mx.get_active_memory()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        mx.eval(step(x, y))
+        mx.synchronize()
+        times.append(time.perf_counter() - t0)
+    fusions = getattr(getattr(target, "fusion_stats", None), "applied_count", None)
+    return {"variant": variant, "peak_gib": mx.get_peak_memory() / 2**30, "resident_gib": resident / 2**30,
+            "median_ms": sorted(times)[2] * 1e3, "fusions": fusions}
+
+
+def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print(json.dumps(child(sys.argv[2], sys.argv[3])))
+        return
+    spec = sys.argv[1] if len(sys.argv) > 1 else SPEC
+    rows = []
+    for variant in ("mx.compile", "fused+compile", "eager", "fused"):
+        out = subprocess.run([sys.executable, __file__, "--child", spec, variant], capture_output=True, text=True)
+        line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+        row = json.loads(line) if line.startswith("{") else {"variant": variant, "error": out.stderr[-500:]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next((r for r in rows if r["variant"] == "mx.compile" and "peak_gib" in r), None)
+    if base:
+        for r in rows:
+            if "peak_gib" in r:
+                print(f"{r['variant']:14s} peak {r['peak_gib']:.2f} GiB ({r['peak_gib'] / base['peak_gib']:.2f}x "
+                      f"mx.compile)  {r['median_ms']:.1f} ms  fusions={r['fusions']}")
+
+
+if __name__ == "__main__":
+    main()
