@@ -6,7 +6,8 @@ the median microseconds per call of:
 
   mlx        the unfused MLX code, eager
   mlx_comp   mx.compile of it
-  fused      our fused op, eager (what mlx-lm's decode runs)
+  fused      our fused op, eager, called directly (it probes for a shapeless trace each call)
+  fused_known the same inside `known_outside` (as a fused module's replay runs it: no probe)
   fused_comp our fused op inside mx.compile
   raw        the bare `mx.fast.cuda_kernel` / `metal_kernel` call with the same kernel (no wrapper)
 
@@ -41,7 +42,7 @@ from mlx_fusion.ops.glu import fused_glu
 from mlx_fusion.patterns import Activation, BinaryOp
 from mlx_fusion.timing import time_samples
 
-VARIANTS = ("mlx", "mlx_comp", "fused", "fused_comp", "raw")
+VARIANTS = ("mlx", "mlx_comp", "fused", "fused_known", "fused_comp", "raw")
 EPS = 1e-5
 ROW = 2048
 
@@ -139,8 +140,24 @@ def host_us(fn, args, calls, repeats) -> float:
     return statistics.median(samples)
 
 
+def _known_outside(fn):
+    """fn as a fused module's replay runs it: known to be outside a shapeless trace, so the ops
+    skip their shapeless probe (mlx_fusion/_shapeless.py; None on trees without it)."""
+    try:
+        from mlx_fusion._shapeless import KNOWN_OUTSIDE
+    except ImportError:
+        return None
+
+    def run(*args):
+        with KNOWN_OUTSIDE:
+            return fn(*args)
+
+    return run
+
+
 def _variants(op: Op, args, kernel: bool):
-    out = {"mlx": op.mlx, "mlx_comp": mx.compile(op.mlx), "fused": op.fused, "fused_comp": mx.compile(op.fused)}
+    out = {"mlx": op.mlx, "mlx_comp": mx.compile(op.mlx), "fused": op.fused, "fused_known": _known_outside(op.fused),
+           "fused_comp": mx.compile(op.fused)}
     out["raw"] = op.raw(*args) if kernel and op.raw is not None else None
     return out
 
