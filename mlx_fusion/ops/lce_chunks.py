@@ -3,9 +3,9 @@ backward over blocks of rows, so the (rows, V) logits exist one chunk at a time.
 
 Per chunk the logits are an MLX matmul (``h_c @ W.T``, the reference's own GEMM and dtype);
 the row statistics and the logits' gradient come from the `cross_entropy_rows` kernels on a
-GPU and from MLX ops on the CPU. The chunks are chained with `mx.depends` (chunk c + 1 starts
-only after chunk c is done) so MLX's evaluation order cannot hold several chunks of logits
-at once, whatever order the caller evaluates the outputs in.
+GPU and from MLX ops on the CPU. In the backward the chunks are chained with `mx.depends` (chunk
+c + 1 starts only after chunk c's dh and dW are done), so MLX's evaluation order cannot hold
+every chunk's gradient at once, whatever order the caller evaluates the outputs in.
 """
 
 from __future__ import annotations
@@ -17,15 +17,20 @@ import mlx.core as mx
 from .. import kernels
 from .common import f32
 
-__all__ = ["default_chunk_rows", "forward_chunks", "backward_chunks", "valid_targets",
-           "CHUNK_BYTES", "MIN_CHUNK_ROWS"]
+__all__ = ["default_chunk_rows", "forward_chunks", "backward_chunks", "valid_targets", "worth_chunking",
+           "CHUNK_BYTES", "MIN_CHUNK_ROWS", "CPU_MIN_LOGITS_BYTES"]
 
 # A chunk of logits in float32 takes at most this many bytes (GPU; CPU), unless that is fewer
 # than MIN_CHUNK_ROWS rows. GPU: 256 MiB is 523 rows at a 128256 vocabulary, enough rows for
 # the GEMMs to run near peak, while each chunk's dW update (a read and write of the float32
-# (V, D) accumulator) stays a small part of the chunk's GEMM time. CPU: smaller, its GEMMs
-# are efficient from a few dozen rows and memory is what the op is for (docs/linear-cross-entropy.md).
-CHUNK_BYTES = {"gpu": 256 << 20, "cpu": 16 << 20}
+# (V, D) accumulator) stays a small part of the chunk's GEMM time. CPU: MLX allocates the
+# outputs of the next ~10 ops before the earlier ones finish, so about 8 chunks' worth of
+# (chunk, V) arrays are alive at once (measured); a small chunk keeps that small, and the
+# CPU's GEMMs lose little at 32 rows (docs/linear-cross-entropy.md).
+CHUNK_BYTES = {"gpu": 256 << 20, "cpu": 4 << 20}
+# On the CPU logits below this (in float32) run MLX's own code: the chunked op saves little
+# there and its recomputed GEMM makes it slower (docs/linear-cross-entropy.md).
+CPU_MIN_LOGITS_BYTES = 32 << 20
 MIN_CHUNK_ROWS = 32
 
 
@@ -34,6 +39,12 @@ def default_chunk_rows(rows: int, vocab: int, gpu: bool) -> int:
     c = max(MIN_CHUNK_ROWS, budget // (4 * max(vocab, 1)))
     c = c // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS
     return max(1, min(rows, c))
+
+
+def worth_chunking(rows: int, vocab: int, gpu: bool) -> bool:
+    """Whether the chunked op pays here: always on a GPU (to be measured there), on the CPU only
+    for logits of at least CPU_MIN_LOGITS_BYTES in float32."""
+    return gpu or 4 * rows * vocab >= CPU_MIN_LOGITS_BYTES
 
 
 def valid_targets(t: mx.array, vocab: int) -> mx.array:
@@ -99,6 +110,14 @@ def _bounds(rows: int, chunk: int):
     return [(s, min(rows, s + chunk)) for s in range(0, rows, chunk)]
 
 
+def _after(x: mx.array, prev: mx.array) -> mx.array:
+    """x, computed only after `prev`: a select whose condition reads prev (NaN-proof: both
+    branches are x). Not mx.depends in the forward: Depends has no vmap rule, and MLX's vmap
+    walks into a custom_function's forward. Without the ordering, MLX evaluated the chunks'
+    matmuls ahead of their row statistics (2.5x the peak memory, measured on the CPU)."""
+    return mx.where(prev[:1] == prev[:1], x, x)
+
+
 def forward_chunks(h2: mx.array, w: mx.array, t: mx.array, chunk: int, upcast: bool,
                    out_dtype: mx.Dtype) -> Tuple[mx.array, mx.array]:
     """(loss per row in out_dtype, lse per row in float32) for (rows, D) h2, (V, D) w and valid
@@ -106,14 +125,12 @@ def forward_chunks(h2: mx.array, w: mx.array, t: mx.array, chunk: int, upcast: b
     gpu = kernels.kernel_backend() is not None
     losses: List[mx.array] = []
     lses: List[mx.array] = []
-    done: Optional[mx.array] = None
     for s, e in _bounds(h2.shape[0], chunk):
-        h_c = h2[s:e] if done is None else mx.depends(h2[s:e], done)
+        h_c = h2[s:e] if not lses else _after(h2[s:e], lses[-1])
         z = _logits(h_c, w, upcast)
         lse, loss = _rows_kernel(z, t[s:e]) if gpu else _rows_mlx(z, t[s:e])
         losses.append(loss.astype(out_dtype))
         lses.append(lse)
-        done = loss
     if len(losses) == 1:
         return losses[0], lses[0]
     return mx.concatenate(losses), mx.concatenate(lses)

@@ -29,7 +29,8 @@ from .. import kernels
 from ..kernels import KernelSpec
 from .base import FusedOp, OpCase, Spelling, Workload
 from .common import FUSED_DTYPES, with_reference_rules
-from .lce_chunks import backward_chunks, default_chunk_rows, forward_chunks, valid_targets
+from . import lce_chunks
+from .lce_chunks import backward_chunks, default_chunk_rows, forward_chunks, valid_targets, worth_chunking
 
 __all__ = ["LinearCrossEntropy", "LINEAR_CROSS_ENTROPY", "linear_cross_entropy",
            "linear_cross_entropy_reference", "DEFINITION"]
@@ -65,6 +66,7 @@ def _primitive(chunk: int, upcast: bool):
     """(loss per row, lse per row float32) of (rows, D) h2, (V, D) w and valid int32 targets."""
 
     def parts(h2, w, t):  # what the primitive computes, as MLX code (jvp, vmap)
+        t = mx.stop_gradient(t)  # class indices: no derivative (MLX's gather refuses one)
         z = h2 @ w.T
         z = z.astype(mx.float32) if upcast else z
         loss = nn.losses.cross_entropy(z, mx.maximum(t, 0))
@@ -124,9 +126,13 @@ def linear_cross_entropy(h: mx.array, weight: mx.array, targets: mx.array, reduc
     h2 = h.reshape(-1, d)
     rows = h2.shape[0]
     gpu = kernels.kernel_backend() is not None
-    chunk = int(chunk_size) if chunk_size else default_chunk_rows(rows, vocab, gpu)
-    if chunk < 1:
+    if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunk = int(chunk_size) if chunk_size else default_chunk_rows(rows, vocab, gpu)
+    if not gpu and (chunk >= rows or (chunk_size is None and not worth_chunking(rows, vocab, gpu))):
+        # The CPU: one chunk would hold every logit anyway, and small logits are not worth a
+        # second GEMM; MLX's own code is the fused op there (docs/linear-cross-entropy.md).
+        return linear_cross_entropy_reference(h, weight, targets, reduction, upcast)
     t = mx.stop_gradient(valid_targets(targets.reshape(-1), vocab))
     loss = _primitive(min(chunk, rows), bool(upcast))(h2, weight, t)[0].reshape(targets.shape)
     if reduction == "mean":
@@ -164,6 +170,9 @@ def _build(m):
     if h.dtype != w.dtype or not mx.issubdtype(t.dtype, mx.integer):
         return None
     upcast = out.dtype == mx.float32 and h.dtype != mx.float32
+    rows = int(out.size)
+    if kernels.kernel_backend() is None and not lce_chunks.worth_chunking(rows, int(w.shape[0]), False):
+        return None  # the CPU runs MLX's own code for small logits (linear_cross_entropy): nothing to fuse
     # The size the legality check and the price see is the logits' (rows x V), what the op saves.
     return [h, w, t], {"upcast": upcast, "size": int(out.size) * int(w.shape[0])}, []
 
@@ -189,12 +198,29 @@ def _reference_call(ins, p):
 
 
 def _inputs(case, shape, dtype, key):
-    """[h (tokens, D), W (V, D), targets (tokens,)] for shape (tokens, D, V)."""
-    tokens, d, v = shape
-    k1, k2, k3 = mx.random.split(key, 3)
-    h = mx.random.normal((tokens, d), key=k1).astype(dtype)
+    """[h (tokens, D), W (V, D)] for shape (tokens, D, V) (the workload's); a shape of another
+    length (the registry tests' elementwise shapes) is h's, with V = 3 D + 1. The targets are
+    the case's own (case_targets)."""
+    hshape, v = ((shape[0], shape[1]), shape[2]) if len(shape) == 3 else (shape, 3 * shape[-1] + 1)
+    d = hshape[-1]
+    k1, k2 = mx.random.split(key)
+    h = mx.random.normal(hshape, key=k1).astype(dtype)
     w = (mx.random.normal((v, d), key=k2) * (d ** -0.5)).astype(dtype)
-    return [h, w, mx.random.randint(0, v, (tokens,), key=k3).astype(mx.int32)]
+    return [h, w]
+
+
+def case_targets(h, w) -> mx.array:
+    """The registry case's targets, a function of the shapes: the registry tests differentiate
+    every input, and class indices have no gradient."""
+    rows = h.size // h.shape[-1]
+    return ((mx.arange(rows) * 7919 + 3) % w.shape[0]).reshape(h.shape[:-1]).astype(mx.int32)
+
+
+def _case_chunk(h) -> Optional[int]:
+    """Small inputs (the registry tests') run in three chunks, so the chunked code runs on the CPU
+    too; benchmark sizes take the default."""
+    rows = h.size // h.shape[-1]
+    return max(1, -(-rows // 3)) if rows <= 64 else None
 
 
 def _defaults(gpu: bool, quick: bool = False) -> list:
@@ -214,8 +240,8 @@ TOKENS_D_V = Workload(
 
 def _cases():
     return [OpCase(LINEAR_CROSS_ENTROPY.name, "linear_cross_entropy", LINEAR_CROSS_ENTROPY,
-                   lambda h, w, t: linear_cross_entropy(h, w, t),
-                   lambda h, w, t: linear_cross_entropy_reference(h, w, t), _inputs, TOKENS_D_V)]
+                   lambda h, w: linear_cross_entropy(h, w, case_targets(h, w), chunk_size=_case_chunk(h)),
+                   lambda h, w: linear_cross_entropy_reference(h, w, case_targets(h, w)), _inputs, TOKENS_D_V)]
 
 
 DEFINITION = FusedOp(
