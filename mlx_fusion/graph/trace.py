@@ -155,18 +155,14 @@ def _stop_gradient(x, *args, **kwargs):
 _real_fast_cross_entropy = mx.fast.cross_entropy
 
 
-def traceable_cross_entropy(logits, targets, **kwargs):
-    """`mx.fast.cross_entropy` as exportable ops: float32 logsumexp of the logits minus the
-    target's logit, float32 (its semantics). On a GPU `nn.losses.cross_entropy` calls the fast
-    op, whose CrossEntropy primitive `mx.export_function` cannot write; traced, it is spelled
-    this way, and the linear_cross_entropy definition matches it (ops/linear_cross_entropy.py)."""
-    z = logits.astype(mx.float32)
-    return mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, mx.expand_dims(targets, -1), axis=-1).squeeze(-1)
-
-
 def _fast_cross_entropy(logits, targets, **kwargs):
+    # On a GPU nn.losses.cross_entropy calls mx.fast.cross_entropy, whose CrossEntropy primitive
+    # mx.export_function cannot write: traced, it is spelled as exportable ops with its semantics
+    # (ops/linear_cross_entropy.traceable_cross_entropy), which the linear+cross_entropy rule matches.
     if getattr(_watching, "seen", None) is None or mx.default_device() == mx.cpu:
         return _real_fast_cross_entropy(logits, targets, **kwargs)  # on the CPU it exports as it is
+    from ..ops.linear_cross_entropy import traceable_cross_entropy
+
     return traceable_cross_entropy(logits, targets)
 
 

@@ -140,6 +140,14 @@ def linear_cross_entropy(h: mx.array, weight: mx.array, targets: mx.array, reduc
     return mx.sum(loss) if reduction == "sum" else loss
 
 
+def traceable_cross_entropy(logits, targets):
+    """`mx.fast.cross_entropy(logits, targets)` as exportable ops (float32 logsumexp minus the
+    target's logit, float32): how graph/trace.py spells the fast op on a GPU, where
+    `nn.losses.cross_entropy` calls it and `mx.export_function` cannot write it."""
+    z = logits.astype(mx.float32)
+    return mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, mx.expand_dims(targets, -1), axis=-1).squeeze(-1)
+
+
 # --- the definition -----------------------------------------------------------------------------
 
 def _reference_2d(h, w, t):
@@ -148,6 +156,14 @@ def _reference_2d(h, w, t):
 
 def _reference_upcast(h, w, t):
     return nn.losses.cross_entropy((h @ w.T).astype(mx.float32), t)
+
+
+def _reference_gpu(h, w, t):  # nn.losses.cross_entropy on a GPU, as traced (float32 logits: the same)
+    return traceable_cross_entropy(h @ w.T, t)
+
+
+def _reference_gpu_cast(h, w, t):  # the same for 16-bit logits: the float32 loss cast back
+    return traceable_cross_entropy(h @ w.T, t).astype(h.dtype)
 
 
 def _example(rank: int, source: Optional[mx.Dtype] = None):
@@ -160,41 +176,59 @@ def _example(rank: int, source: Optional[mx.Dtype] = None):
     return example
 
 
-def _build(m):
-    h, w, t = m.args[:3]
-    out = m.output
-    if m.is_constant(h) or m.is_constant(w) or len(w.shape) != 2 or not h.shape:
-        return None
-    if tuple(t.shape) != tuple(h.shape[:-1]) or tuple(out.shape) != tuple(t.shape) or w.shape[1] != h.shape[-1]:
-        return None
-    if h.dtype != w.dtype or not mx.issubdtype(t.dtype, mx.integer):
-        return None
-    upcast = out.dtype == mx.float32 and h.dtype != mx.float32
-    rows = int(out.size)
-    if kernels.kernel_backend() is None and not lce_chunks.worth_chunking(rows, int(w.shape[0]), False):
-        return None  # the CPU runs MLX's own code for small logits (linear_cross_entropy): nothing to fuse
-    # The size the legality check and the price see is the logits' (rows x V), what the op saves.
-    return [h, w, t], {"upcast": upcast, "size": int(out.size) * int(w.shape[0])}, []
+def _builder(f32_math: bool):
+    """build for the CPU spellings (f32_math False: the loss in the logits' dtype unless they were
+    cast to float32) and the GPU ones (float32 math, the loss cast back to the logits' dtype)."""
+
+    def build(m):
+        h, w, t = m.args[:3]
+        out = m.output
+        if m.is_constant(h) or m.is_constant(w) or len(w.shape) != 2 or not h.shape:
+            return None
+        if tuple(t.shape) != tuple(h.shape[:-1]) or tuple(out.shape) != tuple(t.shape) or w.shape[1] != h.shape[-1]:
+            return None
+        if h.dtype != w.dtype or not mx.issubdtype(t.dtype, mx.integer):
+            return None
+        rows, vocab = int(out.size), int(w.shape[0])
+        if kernels.kernel_backend() is None and not lce_chunks.worth_chunking(rows, vocab, False):
+            return None  # the CPU runs MLX's own code for small logits (linear_cross_entropy): nothing to fuse
+        upcast = h.dtype != mx.float32 and (f32_math or out.dtype == mx.float32)
+        cast = out.dtype if upcast and out.dtype != mx.float32 else None
+        # The size the legality check and the price see is the logits' (rows x V): what the op saves.
+        return [h, w, t], {"upcast": upcast, "cast": cast, "size": rows * vocab}, []
+
+    return build
 
 
 def _spellings():
     rule = LINEAR_CROSS_ENTROPY.name
     out = []
     for rank in (3, 2):
-        out.append(Spelling(pattern=LINEAR_CROSS_ENTROPY, reference=_reference_2d, example=_example(rank),
-                            build=_build, rule=rule))
+        def add(reference, source=None, f32_math=False):
+            out.append(Spelling(pattern=LINEAR_CROSS_ENTROPY, reference=reference, example=_example(rank, source),
+                                build=_builder(f32_math), rule=rule))
+
+        add(_reference_2d)
         for src in (mx.bfloat16, mx.float16):  # (h @ W.T).astype(float32): its root is float32
-            out.append(Spelling(pattern=LINEAR_CROSS_ENTROPY, reference=_reference_upcast,
-                                example=_example(rank, src), build=_build, rule=rule))
+            add(_reference_upcast, src)
+        # The GPU's spellings (mx.fast.cross_entropy as graph/trace.py spells it), traced on any device.
+        add(_reference_gpu, f32_math=True)
+        for src in (mx.bfloat16, mx.float16):
+            add(_reference_gpu, src, f32_math=True)
+        add(_reference_gpu_cast, f32_math=True)
     return out
 
 
+def _cast(y, p):
+    return y.astype(p["cast"]) if p.get("cast") is not None else y
+
+
 def _call(ins, p):
-    return [linear_cross_entropy(ins[0], ins[1], ins[2], upcast=p.get("upcast", False))]
+    return [_cast(linear_cross_entropy(ins[0], ins[1], ins[2], upcast=p.get("upcast", False)), p)]
 
 
 def _reference_call(ins, p):
-    return [linear_cross_entropy_reference(ins[0], ins[1], ins[2], upcast=p.get("upcast", False))]
+    return [_cast(linear_cross_entropy_reference(ins[0], ins[1], ins[2], upcast=p.get("upcast", False)), p)]
 
 
 def _inputs(case, shape, dtype, key):
@@ -257,5 +291,5 @@ DEFINITION = FusedOp(
         KernelSpec("cross_entropy_rows_backward", ("logits", "t", "lse", "g"), ("dlogits",), elementwise=False,
                    ensure_row_contiguous=True),
     ),
-    doc="cross_entropy(h @ W.T, t) per row: FusedLinearCrossEntropy(h, W, t), params {pattern, upcast, size}; "
+    doc="cross_entropy(h @ W.T, t) per row: FusedLinearCrossEntropy(h, W, t), params {pattern, upcast, cast, size}; "
         "h (..., D), W (V, D), t integer h.shape[:-1].")
