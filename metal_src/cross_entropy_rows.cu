@@ -54,9 +54,9 @@ if (warp == 0) {
     m = mm;
   }
   if (lane == 0) {
-    const float l = isinf(m) ? __int_as_float(0x7fc00000) : m + logf(s);
+    const float l = isinf(m) ? fusion_nan() : m + logf(s);
     const int target = t[row];
-    const float picked = (target >= 0 && target < V) ? float(logits[base + target]) : __int_as_float(0x7fc00000);
+    const float picked = (target >= 0 && target < V) ? float(logits[base + target]) : fusion_nan();
     lse[row] = l;
     loss[row] = l - picked;
   }

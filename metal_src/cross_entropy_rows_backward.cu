@@ -12,7 +12,7 @@ const unsigned tid = threadIdx.x;
 const unsigned nt = blockDim.x;
 const int64_t base = int64_t(row) * V;
 const int target = t[row];
-const float l = (target >= 0 && target < V) ? lse[row] : __int_as_float(0x7fc00000);
+const float l = (target >= 0 && target < V) ? lse[row] : fusion_nan();
 const float gr = g[row];
 for (int j = int(tid); j < V; j += int(nt)) {
   const float p = expf(float(logits[base + j]) - l);
