@@ -55,7 +55,7 @@ if (warp == 0) {
   }
   if (lane == 0) {
     const float l = isinf(m) ? fusion_nan() : m + logf(s);
-    const int target = t[row];
+    const int target = int(t[row]);
     const float picked = (target >= 0 && target < V) ? float(logits[base + target]) : fusion_nan();
     lse[row] = l;
     loss[row] = l - picked;

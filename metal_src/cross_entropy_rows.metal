@@ -55,7 +55,7 @@ if (sg == 0) {
   }
   if (lane == 0) {
     const float l = metal::isinf(m) ? NAN : m + metal::log(s);
-    const int target = t[row];
+    const int target = int(t[row]);
     const float picked = (target >= 0 && target < V) ? float(logits[base + target]) : NAN;
     lse[row] = l;
     loss[row] = l - picked;

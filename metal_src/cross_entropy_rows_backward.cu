@@ -11,9 +11,9 @@ const unsigned row = blockIdx.x;
 const unsigned tid = threadIdx.x;
 const unsigned nt = blockDim.x;
 const int64_t base = int64_t(row) * V;
-const int target = t[row];
-const float l = (target >= 0 && target < V) ? lse[row] : fusion_nan();
-const float gr = g[row];
+const int target = int(t[row]);
+const float l = (target >= 0 && target < V) ? float(lse[row]) : fusion_nan();
+const float gr = float(g[row]);
 for (int j = int(tid); j < V; j += int(nt)) {
   const float p = expf(float(logits[base + j]) - l);
   dlogits[base + j] = static_cast<T>((j == target ? p - 1.0f : p) * gr);

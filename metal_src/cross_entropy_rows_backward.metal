@@ -11,9 +11,9 @@ const uint row = threadgroup_position_in_grid.x;
 const uint tid = thread_position_in_threadgroup.x;
 const uint nt = threads_per_threadgroup.x;
 const int64_t base = int64_t(row) * V;
-const int target = t[row];
-const float l = (target >= 0 && target < V) ? lse[row] : NAN;
-const float gr = g[row];
+const int target = int(t[row]);
+const float l = (target >= 0 && target < V) ? float(lse[row]) : NAN;
+const float gr = float(g[row]);
 for (int j = int(tid); j < V; j += int(nt)) {
   const float p = metal::exp(float(logits[base + j]) - l);
   dlogits[base + j] = T((j == target ? p - 1.0f : p) * gr);
