@@ -269,7 +269,7 @@ TOKENS_D_V = Workload(
     output_size=lambda s: s[0] * s[2],
     copy_size=lambda s: s[0] * s[2],
     flops=lambda s: 2.0 * s[0] * s[1] * s[2],
-    default_shapes=_defaults)
+    default_shapes=_defaults, own_shapes=True)
 
 
 def _cases():
