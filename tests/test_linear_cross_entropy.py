@@ -308,3 +308,35 @@ def test_rule_leaves_small_cpu_logits_alone():
         fused = fuse(lambda h, w, t: nn.losses.cross_entropy(h @ w.T, t).mean())
         mx.eval(fused(h, w, t))
     assert "linear+cross_entropy" not in fused.stats.by_pattern
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+@pytest.mark.parametrize("upcast", [False, True])
+def test_gpu_trace_of_nn_cross_entropy_is_matched(monkeypatch, small_chunks, dtype, upcast):
+    """On a GPU nn.losses.cross_entropy calls mx.fast.cross_entropy, which export cannot write;
+    graph/trace.py spells it as exportable ops there. Simulated here by making mlx.nn (and the
+    trace) see a GPU default device during the trace only; the rewritten graph runs on the CPU."""
+    from mlx_fusion.graph.interpreter import run_graph
+    from mlx_fusion.graph.optimizer import FusionOptimizer
+    from mlx_fusion.graph.trace import trace
+
+    h, w, t = _inputs((2, 5, 16), 64, dtype)
+    cast = (lambda z: z.astype(mx.float32)) if upcast else (lambda z: z)
+
+    def loss(h, w, t):
+        return nn.losses.cross_entropy(cast(h @ w.T), t).mean()
+
+    gpu = mx.Device(mx.gpu)
+    with monkeypatch.context() as m:
+        m.setattr(mx, "default_device", lambda: gpu)
+        graph = trace(loss, h, w, t)
+    ops = [n.op for n in graph.nodes]
+    assert "LogSumExp" in ops and "Reduce" in ops and ops.index("LogSumExp") < ops.index("Reduce")  # no max shift
+    with fusion_config(min_tensor_size=0):
+        stats = FusionOptimizer().optimize(graph)
+    assert stats.by_pattern == {"linear+cross_entropy": 1}
+    (got,) = run_graph(graph, [h, w, t])
+    z = (h @ w.T).astype(mx.float32)  # mx.fast.cross_entropy's semantics: float32 math
+    want = mx.fast.cross_entropy(z, t).astype(mx.float32 if upcast else dtype).mean()
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(got.astype(mx.float32).item(), want.astype(mx.float32).item(), rtol=TOL[dtype])

@@ -18,7 +18,6 @@ from mlx_fusion.ops.linear_cross_entropy import linear_cross_entropy, linear_cro
 def variants(chunk):
     ref = lambda h, w, t: linear_cross_entropy_reference(h, w, t, "mean")  # noqa: E731
     fused = lambda h, w, t: linear_cross_entropy(h, w, t, "mean", chunk_size=chunk)  # noqa: E731
-    grad = lambda f: nn.value_and_grad  # noqa: E731,F841
     vg = lambda f: mx.value_and_grad(f, argnums=(0, 1))  # noqa: E731
     return {"unfused": vg(ref), "unfused mx.compile": mx.compile(vg(ref)), "fused": vg(fused),
             "fused mx.compile": mx.compile(vg(fused))}
