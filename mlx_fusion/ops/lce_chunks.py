@@ -56,9 +56,11 @@ def valid_targets(t: mx.array, vocab: int) -> mx.array:
     return mx.where((w >= 0) & (w < vocab), w, -1).astype(mx.int32)
 
 
-def _logits(h_c: mx.array, w: mx.array, upcast: bool) -> mx.array:
+def _logits(h_c: mx.array, w: mx.array, upcast: bool, gpu: bool) -> mx.array:
+    """The chunk's logits in the reference's dtype; cast to float32 for `upcast` only on the CPU
+    (the kernels read them as float32 anyway: the same numbers, without a float32 copy)."""
     z = h_c @ w.T
-    return z.astype(mx.float32) if upcast else z
+    return z.astype(mx.float32) if upcast and not gpu else z
 
 
 # --- the row statistics: kernels (GPU) or MLX ops (CPU) --------------------------------------
@@ -127,7 +129,7 @@ def forward_chunks(h2: mx.array, w: mx.array, t: mx.array, chunk: int, upcast: b
     lses: List[mx.array] = []
     for s, e in _bounds(h2.shape[0], chunk):
         h_c = h2[s:e] if not lses else _after(h2[s:e], lses[-1])
-        z = _logits(h_c, w, upcast)
+        z = _logits(h_c, w, upcast, gpu)
         lse, loss = _rows_kernel(z, t[s:e]) if gpu else _rows_mlx(z, t[s:e])
         losses.append(loss.astype(out_dtype))
         lses.append(lse)
@@ -146,7 +148,7 @@ def backward_chunks(h2: mx.array, w: mx.array, t: mx.array, lse: mx.array, g: mx
     dw: Optional[mx.array] = None
     for s, e in _bounds(h2.shape[0], chunk):
         h_c = h2[s:e] if dw is None else mx.depends(h2[s:e], [dhs[-1], dw])
-        z = _logits(h_c, w, upcast)
+        z = _logits(h_c, w, upcast, gpu)
         if gpu:
             dz = _rows_backward_kernel(z, t[s:e], lse[s:e], g[s:e], h2.dtype)
         else:
