@@ -18,6 +18,7 @@ from mlx_fusion.ops.linear_cross_entropy import (linear_cross_entropy, linear_cr
                                                  traceable_cross_entropy)
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+cpu_only = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU path's own promise (MLX's code per chunk)")
 TOL = {mx.float32: 2e-5, mx.float16: 2e-2, mx.bfloat16: 6e-2}
 
 
@@ -88,6 +89,7 @@ def test_dtypes_are_mlx_own():
             assert got.dtype == want.dtype and got.shape == want.shape
 
 
+@cpu_only
 def test_cpu_forward_is_exactly_the_reference():
     """On the CPU each chunk runs MLX's own expression: the per-row loss is bit for bit the unfused one."""
     h, w, t = _inputs((31, 16), 53, mx.float32, seed=5)
@@ -301,6 +303,7 @@ def test_per_row_loss_and_gpu_spelling(small_chunks):
         _close(got, want, TOL[mx.bfloat16], "loss")
 
 
+@cpu_only
 def test_rule_leaves_small_cpu_logits_alone():
     """Without the fixture: below 32 MiB of logits the CPU runs MLX's code, so nothing is fused."""
     h, w, t = _inputs((4, 16), 64, mx.float32)

@@ -1,6 +1,6 @@
-"""Linear + cross-entropy on this machine: fwd+bwd time and peak memory, fused vs unfused vs mx.compile.
+"""Linear + cross-entropy on the default device (CPU or GPU): fwd+bwd time and peak memory, fused vs unfused vs mx.compile.
 
-    python tools/lce_cpu.py [--tokens 256 --dim 256 --vocab 8192 --dtype float32 --repeats 7]
+    python tools/lce_bench.py [--tokens 256 --dim 256 --vocab 8192 --dtype float32 --repeats 7]
 
 One run measures every variant, interleaved, several repeats (ratios in one run: docs/linear-cross-entropy.md).
 Peak memory: mx.get_peak_memory after mx.reset_peak_memory, inputs already evaluated.
@@ -10,7 +10,6 @@ import argparse
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from mlx_fusion.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
