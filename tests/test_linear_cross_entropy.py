@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_fusion import fuse, fusion_config
+from mlx_fusion import fuse, fusion_config, kernels
 from mlx_fusion.ops import lce_chunks
 from mlx_fusion.ops.linear_cross_entropy import (linear_cross_entropy, linear_cross_entropy_reference,
                                                  traceable_cross_entropy)
@@ -335,11 +335,39 @@ def test_gpu_trace_of_nn_cross_entropy_is_matched(monkeypatch, small_chunks, dty
         graph = trace(loss, h, w, t)
     ops = [n.op for n in graph.nodes]
     assert "LogSumExp" in ops and "Reduce" in ops and ops.index("LogSumExp") < ops.index("Reduce")  # no max shift
-    with fusion_config(min_tensor_size=0):
+    with fusion_config(min_tensor_size=0), monkeypatch.context() as m:
+        m.setattr(kernels, "kernel_backend", lambda: "cuda")  # the rules decide as on a GPU
         stats = FusionOptimizer().optimize(graph)
-    assert stats.by_pattern == {"linear+cross_entropy": 1}
+    assert stats.by_pattern == {"linear+cross_entropy": 1}  # not the smaller cross_entropy match
     (got,) = run_graph(graph, [h, w, t])
     z = (h @ w.T).astype(mx.float32)  # mx.fast.cross_entropy's semantics: float32 math
     want = mx.fast.cross_entropy(z, t).astype(mx.float32 if upcast else dtype).mean()
     assert got.dtype == want.dtype
     np.testing.assert_allclose(got.astype(mx.float32).item(), want.astype(mx.float32).item(), rtol=TOL[dtype])
+
+
+def test_gpu_cross_entropy_of_other_logits_replays_the_fast_op(monkeypatch):
+    """Soft-capped logits (not h @ W.T): on a GPU the traced fast op is replayed as
+    mx.fast.cross_entropy (the `cross_entropy` spelling), not as its slower decomposition."""
+    from mlx_fusion.graph.interpreter import run_graph
+    from mlx_fusion.graph.optimizer import FusionOptimizer
+    from mlx_fusion.graph.trace import trace
+
+    h, w, t = _inputs((2, 5, 16), 64, mx.bfloat16)
+
+    def loss(h, w, t):
+        return nn.losses.cross_entropy(mx.tanh((h @ w.T) / 30) * 30, t).mean()
+
+    gpu = mx.Device(mx.gpu)
+    with monkeypatch.context() as m:
+        m.setattr(mx, "default_device", lambda: gpu)
+        graph = trace(loss, h, w, t)
+    with fusion_config(min_tensor_size=0, enabled_patterns={"cross_entropy", "linear+cross_entropy"}), \
+            monkeypatch.context() as m:
+        m.setattr(kernels, "kernel_backend", lambda: "cuda")
+        stats = FusionOptimizer().optimize(graph)
+    assert stats.by_pattern == {"cross_entropy": 1}
+    (got,) = run_graph(graph, [h, w, t])
+    z = mx.tanh((h @ w.T) / 30) * 30
+    want = traceable_cross_entropy(z, t).astype(mx.bfloat16).mean()
+    np.testing.assert_allclose(got.astype(mx.float32).item(), want.astype(mx.float32).item(), rtol=2e-2)

@@ -32,8 +32,9 @@ from .common import FUSED_DTYPES, with_reference_rules
 from . import lce_chunks
 from .lce_chunks import backward_chunks, default_chunk_rows, forward_chunks, valid_targets, worth_chunking
 
-__all__ = ["LinearCrossEntropy", "LINEAR_CROSS_ENTROPY", "linear_cross_entropy",
-           "linear_cross_entropy_reference", "DEFINITION"]
+__all__ = ["LinearCrossEntropy", "LINEAR_CROSS_ENTROPY", "FastCrossEntropy", "FAST_CROSS_ENTROPY",
+           "linear_cross_entropy", "linear_cross_entropy_reference", "traceable_cross_entropy", "fast_cross_entropy",
+           "DEFINITION"]
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -48,6 +49,19 @@ class LinearCrossEntropy:
 
 
 LINEAR_CROSS_ENTROPY = LinearCrossEntropy()
+
+
+@dataclass(frozen=True)
+class FastCrossEntropy:
+    """A cross-entropy of logits that are not ``h @ W.T`` (a quantized lm_head, soft-capped logits)
+    traced on a GPU: replayed as the `mx.fast.cross_entropy` the traced code called."""
+
+    @property
+    def name(self) -> str:
+        return "cross_entropy"
+
+
+FAST_CROSS_ENTROPY = FastCrossEntropy()
 
 
 def linear_cross_entropy_reference(h, weight, targets, reduction: str = "none", upcast: bool = False):
@@ -200,6 +214,35 @@ def _builder(f32_math: bool):
     return build
 
 
+def _fast_build(m):
+    """build of the fast cross-entropy spellings: z (rows.., V) and its targets; GPU only (on the CPU
+    the traced code is MLX's own decomposition, and nothing replaces it)."""
+    z, t = m.args[:2]
+    out = m.output
+    if kernels.kernel_backend() is None or m.is_constant(z) or not z.shape or not mx.issubdtype(t.dtype, mx.integer):
+        return None
+    if tuple(t.shape) != tuple(z.shape[:-1]) or tuple(out.shape) != tuple(t.shape):
+        return None
+    upcast = z.dtype != mx.float32
+    cast = out.dtype if upcast and out.dtype != mx.float32 else None
+    return [z, t], {"fast": True, "upcast": upcast, "cast": cast, "size": int(z.size)}, []
+
+
+def _fast_spellings():
+    def example(rank, source=None):
+        shape = (6, 16) if rank == 2 else (2, 3, 16)
+        return lambda dt: (mx.zeros(shape, source or dt), mx.zeros(shape[:-1], mx.int32))
+
+    out = []
+    for rank in (3, 2):
+        for src in (None, mx.bfloat16, mx.float16):
+            out.append(Spelling(pattern=FAST_CROSS_ENTROPY, reference=traceable_cross_entropy, example=example(rank, src),
+                                build=_fast_build, rule=FAST_CROSS_ENTROPY.name))
+        out.append(Spelling(pattern=FAST_CROSS_ENTROPY, reference=lambda z, t: traceable_cross_entropy(z, t).astype(z.dtype),
+                            example=example(rank), build=_fast_build, rule=FAST_CROSS_ENTROPY.name))
+    return out
+
+
 def _spellings():
     rule = LINEAR_CROSS_ENTROPY.name
     out = []
@@ -216,18 +259,27 @@ def _spellings():
         for src in (mx.bfloat16, mx.float16):
             add(_reference_gpu, src, f32_math=True)
         add(_reference_gpu_cast, f32_math=True)
-    return out
+    return out + _fast_spellings()
 
 
 def _cast(y, p):
     return y.astype(p["cast"]) if p.get("cast") is not None else y
 
 
+def fast_cross_entropy(z, t):
+    """`mx.fast.cross_entropy` on a GPU; its traced spelling elsewhere (what a CPU trace replays)."""
+    return mx.fast.cross_entropy(z, t) if kernels.kernel_backend() is not None else traceable_cross_entropy(z, t)
+
+
 def _call(ins, p):
+    if p.get("fast"):
+        return [_cast(fast_cross_entropy(ins[0], ins[1]), p)]
     return [_cast(linear_cross_entropy(ins[0], ins[1], ins[2], upcast=p.get("upcast", False)), p)]
 
 
 def _reference_call(ins, p):
+    if p.get("fast"):
+        return [_cast(traceable_cross_entropy(ins[0], ins[1]), p)]
     return [_cast(linear_cross_entropy_reference(ins[0], ins[1], ins[2], upcast=p.get("upcast", False)), p)]
 
 
@@ -278,9 +330,27 @@ def _cases():
                    lambda h, w: linear_cross_entropy_reference(h, w, case_targets(h, w)), _inputs, TOKENS_D_V)]
 
 
+def _fast_inputs(case, shape, dtype, key):
+    """[z] of `shape` (the targets are the case's own, as for linear+cross_entropy)."""
+    return [mx.random.normal(tuple(shape), key=key).astype(dtype)]
+
+
+def _fast_targets(z):
+    rows = z.size // z.shape[-1]
+    return ((mx.arange(rows) * 7919 + 3) % z.shape[-1]).reshape(z.shape[:-1]).astype(mx.int32)
+
+
+def _case_for(pattern):
+    if pattern != FAST_CROSS_ENTROPY and pattern != FAST_CROSS_ENTROPY.name:
+        return None
+    return OpCase(FAST_CROSS_ENTROPY.name, "linear_cross_entropy", FAST_CROSS_ENTROPY,
+                  lambda z: fast_cross_entropy(z, _fast_targets(z)),
+                  lambda z: traceable_cross_entropy(z, _fast_targets(z)), _fast_inputs)
+
+
 DEFINITION = FusedOp(
     name="linear_cross_entropy", order=4, node_op="FusedLinearCrossEntropy", spellings=_spellings,
-    call=_call, reference_call=_reference_call, cases=_cases,
+    call=_call, reference_call=_reference_call, cases=_cases, case_for=_case_for,
     flops=lambda node: 2.0 * node.inputs[0].size * node.inputs[1].shape[0],
     kernels=(
         # lse and loss (float32) per row of a logits chunk (rows, V) and its int32 targets; one
@@ -292,4 +362,5 @@ DEFINITION = FusedOp(
                    ensure_row_contiguous=True),
     ),
     doc="cross_entropy(h @ W.T, t) per row: FusedLinearCrossEntropy(h, W, t), params {pattern, upcast, cast, size}; "
-        "h (..., D), W (V, D), t integer h.shape[:-1].")
+        "h (..., D), W (V, D), t integer h.shape[:-1]. On a GPU also a cross-entropy of other logits as "
+        "mx.fast.cross_entropy: FusedLinearCrossEntropy(z, t), params {pattern, fast, upcast, cast, size}.")
