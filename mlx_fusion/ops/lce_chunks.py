@@ -10,6 +10,7 @@ every chunk's gradient at once, whatever order the caller evaluates the outputs 
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -28,6 +29,9 @@ __all__ = ["default_chunk_rows", "forward_chunks", "backward_chunks", "valid_tar
 # (chunk, V) arrays are alive at once (measured); a small chunk keeps that small, and the
 # CPU's GEMMs lose little at 32 rows (docs/linear-cross-entropy.md).
 CHUNK_BYTES = {"gpu": 256 << 20, "cpu": 4 << 20}
+# MLX_FUSION_LCE_CHUNK_MIB overrides both (for measuring, as MLX_FUSION_GPU_VECTORS in ops/common.py).
+if os.environ.get("MLX_FUSION_LCE_CHUNK_MIB"):
+    CHUNK_BYTES = {k: int(float(os.environ["MLX_FUSION_LCE_CHUNK_MIB"]) * 2**20) for k in CHUNK_BYTES}
 # On the CPU logits below this (in float32) run MLX's own code: the chunked op saves little
 # there and its recomputed GEMM makes it slower (docs/linear-cross-entropy.md).
 CPU_MIN_LOGITS_BYTES = 32 << 20
@@ -138,6 +142,12 @@ def forward_chunks(h2: mx.array, w: mx.array, t: mx.array, chunk: int, upcast: b
     return mx.concatenate(losses), mx.concatenate(lses)
 
 
+@mx.compile
+def _accumulate(acc: mx.array, part: mx.array) -> mx.array:
+    """acc + float32(part) as one pass over the (V, D) accumulator (compiled: not a cast, then an add)."""
+    return acc + part.astype(mx.float32)
+
+
 def backward_chunks(h2: mx.array, w: mx.array, t: mx.array, lse: mx.array, g: mx.array, chunk: int,
                     upcast: bool) -> Tuple[mx.array, mx.array]:
     """(dh2, dw) for the per-row cotangent g; recomputes each chunk's logits. dw is accumulated
@@ -157,7 +167,7 @@ def backward_chunks(h2: mx.array, w: mx.array, t: mx.array, lse: mx.array, g: mx
         if h2.dtype == mx.float32:
             dw = dz.T @ h_c if dw is None else mx.addmm(dw, dz.T, h_c)
         else:
-            part = f32(dz.T @ h_c)
-            dw = part if dw is None else dw + part
+            part = dz.T @ h_c
+            dw = f32(part) if dw is None else _accumulate(dw, part)
     dh = dhs[0] if len(dhs) == 1 else mx.concatenate(dhs)
     return dh, dw.astype(w.dtype)
