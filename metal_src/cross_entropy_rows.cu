@@ -17,11 +17,11 @@ const unsigned lane = tid & 31;
 const unsigned warp = tid >> 5;
 const int64_t base = int64_t(row) * V;
 // Spelled with bits, not INFINITY / isinf: NVRTC compiles this without the C math headers.
-const float inf = __uint_as_float(0x7f800000u);
+const float kInf = __uint_as_float(0x7f800000u);
 __shared__ float part_m[32];
 __shared__ float part_s[32];
 
-float m = -inf;
+float m = -kInf;
 float s = 0.0f;
 for (int j = int(tid); j < V; j += int(nt)) {
   const float x = float(logits[base + j]);
@@ -46,7 +46,7 @@ if (lane == 0) {
 __syncthreads();
 if (warp == 0) {
   const bool live = lane < (nt + 31) / 32;
-  m = live ? part_m[lane] : -inf;
+  m = live ? part_m[lane] : -kInf;
   s = live ? part_s[lane] : 0.0f;
   for (int k = 16; k > 0; k >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, k);
@@ -56,7 +56,7 @@ if (warp == 0) {
     m = mm;
   }
   if (lane == 0) {
-    const float l = fabsf(m) == inf ? fusion_nan() : m + logf(s);
+    const float l = fabsf(m) == kInf ? fusion_nan() : m + logf(s);
     const int target = int(t[row]);
     const float picked = (target >= 0 && target < V) ? float(logits[base + target]) : fusion_nan();
     lse[row] = l;
