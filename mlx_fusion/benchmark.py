@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from .device import device_description, device_id, device_kind, on_gpu  # noqa: F401  (re-exported)
 from .ops.elementwise import fused_scalar, scalar_reference
-from .ops.registry import FUSED_OPS, OpCase
+from .ops.registry import FUSED_OPS, OpCase, own_workload
 from .perfcache import dtype_name
 from .patterns import ScalarActivation, ScalarOp
 from .timing import copy_bandwidth, default_timing, quartiles, time_call, time_samples  # noqa: F401  (re-exported)
@@ -165,6 +165,8 @@ def bench_case(case: OpCase, shape: Tuple[int, ...], dtype=mx.float32, backward:
     if case.kind == "linear":
         m, k, n = shape
         flops = 2.0 * m * k * n * (3 if backward else 1)
+    elif own_workload(case.kind) is not None:
+        flops = own_workload(case.kind).flops(tuple(shape)) * (3 if backward else 1)
     eager, fused_call = case.reference, case.fused
     if backward:
         cot = mx.ones_like(out)
@@ -195,7 +197,9 @@ def elementwise_shape(size: int) -> Tuple[int, int]:
 
 def default_shapes(kind: str, gpu: bool, quick: bool = False) -> List[Tuple[int, ...]]:
     """Elementwise sizes 64K..64M elements (2-D, rows of 4096); linear at decode
-    and large shapes (M, K, N)."""
+    and large shapes (M, K, N); a family with its own workload (Workload.own_shapes), its shapes."""
+    if own_workload(kind) is not None:
+        return own_workload(kind).default_shapes(gpu, quick)
     if kind == "linear":
         if quick:
             # A CPU GEMM at 256x1024x1024 takes ~0.1 s a call: too slow for a quick run.
@@ -209,6 +213,8 @@ def default_shapes(kind: str, gpu: bool, quick: bool = False) -> List[Tuple[int,
 
 def copy_size(kind: str, shape: Tuple[int, ...]) -> int:
     """Elements of the largest operand: the copy that bounds this op's memory traffic."""
+    if own_workload(kind) is not None:
+        return own_workload(kind).copy_size(tuple(shape))
     if kind == "linear":
         m, k, n = shape
         return max(m * k, k * n, m * n)
@@ -284,6 +290,8 @@ def shape_for_size(case: OpCase, tensor_size: Union[int, Tuple[int, ...]]) -> Tu
     ((M, K, N) for linears)."""
     if not isinstance(tensor_size, int):
         return tuple(tensor_size)
+    if own_workload(case.kind) is not None:
+        return own_workload(case.kind).shape_for_size(tensor_size)
     if case.kind == "linear":
         n = min(1024, tensor_size)
         return (max(1, tensor_size // n), 1024, n)

@@ -88,10 +88,14 @@ def cache_key(device: str, pattern, dtype, bucket: int) -> str:
 
 
 def output_size(kind: str, shape: Tuple[int, ...]) -> int:
-    """Elements of the fused output of a benchmark shape ((M, K, N) for "linear")."""
+    """Elements of the fused output of a benchmark shape ((M, K, N) for "linear"; a family's own
+    workload's, e.g. linear_cross_entropy's logits for (tokens, D, V))."""
     if kind == "linear":
         return shape[0] * shape[2]
-    return math.prod(shape)
+    from .ops.registry import own_workload  # lazy: the registry imports every fused op
+
+    wl = own_workload(kind)
+    return wl.output_size(tuple(shape)) if wl is not None else math.prod(shape)
 
 
 def entry_speedup(entry) -> Optional[float]:

@@ -245,7 +245,9 @@ class FusionOptimizer:
 
     def _price(self, ctx: MatchContext, m: Match, device: str):
         """(opportunity, None), or (None, why not: a reason or ``(reason, speedup, source)``)."""
-        if self.compiled_replay and self._feeds_only_elementwise(ctx, m):  # mx.compile does better
+        # mx.compile does better, unless the fusion is about more than its output (linear+cross_entropy's
+        # match size is its logits', rows x V; merging its per-row loss into a `* mask` saves nothing of that).
+        if self.compiled_replay and m.size <= m.output.size and self._feeds_only_elementwise(ctx, m):
             return None, "left to mx.compile: compiled, its output merges into the elementwise ops reading it"
         producer = ctx.producer
 

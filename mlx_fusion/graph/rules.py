@@ -97,7 +97,9 @@ class Match:
 
     @property
     def size(self) -> int:
-        return self.output.size
+        """The elements the fusion is about: the output's, or what its build says (``params["size"]``:
+        linear+cross_entropy's is its logits', rows x V, not its per-row loss)."""
+        return self.params.get("size", self.output.size)
 
 
 class _View:
@@ -240,7 +242,10 @@ def legality(ctx: MatchContext, m: Match) -> Optional[str]:
         return "the fused node would read a value the fusion removes"
     if m.output.dtype not in FUSIBLE_DTYPES:
         return f"dtype {str(m.output.dtype).replace('mlx.core.', '')} not fusible"
-    if any(v.dtype != m.output.dtype for v in m.inputs):
+    # Integer inputs (class indices) are not data; the float inputs share one dtype, which is
+    # the output's except where the pattern itself casts (a float32 loss of bf16 logits).
+    floats = [v for v in m.inputs if mx.issubdtype(v.dtype, mx.floating)]
+    if any(v.dtype != (floats[0].dtype if m.params.get("upcast") else m.output.dtype) for v in floats):
         return "dtype: mixed input dtypes"
     if m.size < ctx.config.min_tensor_size:
         return f"below min_tensor_size: {m.size} < {ctx.config.min_tensor_size} elements"

@@ -152,11 +152,27 @@ def _stop_gradient(x, *args, **kwargs):
     return _real_stop_gradient(x, *args, **kwargs)
 
 
+_real_fast_cross_entropy = mx.fast.cross_entropy
+
+
+def _fast_cross_entropy(logits, targets, **kwargs):
+    # On a GPU nn.losses.cross_entropy calls mx.fast.cross_entropy, whose CrossEntropy primitive
+    # mx.export_function cannot write: traced, it is spelled as exportable ops with its semantics
+    # (ops/linear_cross_entropy.traceable_cross_entropy), which the linear+cross_entropy rule matches.
+    if getattr(_watching, "seen", None) is None or mx.default_device() == mx.cpu:
+        return _real_fast_cross_entropy(logits, targets, **kwargs)  # on the CPU it exports as it is
+    from ..ops.linear_cross_entropy import traceable_cross_entropy
+
+    return traceable_cross_entropy(logits, targets)
+
+
 @contextlib.contextmanager
 def _watch_stop_gradient(seen: List[str]):
-    """Record, in this thread, every floating-point `mx.stop_gradient` the traced code calls."""
+    """Record, in this thread, every floating-point `mx.stop_gradient` the traced code calls (and
+    spell `mx.fast.cross_entropy` as exportable ops while tracing: `traceable_cross_entropy`)."""
     _watching.seen = seen
     mx.stop_gradient = _stop_gradient  # stays installed: outside a watch it only forwards (threads may trace)
+    mx.fast.cross_entropy = _fast_cross_entropy  # likewise
     try:
         yield
     finally:

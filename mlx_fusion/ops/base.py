@@ -46,6 +46,8 @@ class Workload:
     shape_for_size(n): the benchmark shape whose fused output has n elements;
     output_size(shape), copy_size(shape) (elements of the largest operand: the copy that
     bounds the op's memory traffic), flops(shape) (forward); default_shapes(gpu, quick).
+    own_shapes: benchmark.py and perfcache.py shape the family by this workload; False: by
+    their elementwise and linear tables (the families measured, and priors shipped, with those).
     """
 
     shape_for_size: Callable[[int], tuple]
@@ -53,6 +55,7 @@ class Workload:
     copy_size: Callable[[tuple], int]
     flops: Callable[[tuple], float]
     default_shapes: Callable[[bool, bool], list]
+    own_shapes: bool = False
 
 
 def elementwise_shape(size: int) -> Tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from .base import FusedOp, OpCase
 
-__all__ = ["DEFINITIONS", "OpCase", "FUSED_OPS", "cases", "definition", "case_for"]
+__all__ = ["DEFINITIONS", "OpCase", "FUSED_OPS", "cases", "definition", "case_for", "own_workload"]
 
 
 def _discover() -> tuple:
@@ -43,6 +43,15 @@ _BY_NODE_OP: Dict[str, FusedOp] = {d.node_op: d for d in DEFINITIONS}
 def cases(kind: Optional[str] = None) -> List[OpCase]:
     """The registry cases of one family ("binary", "scalar", "linear"), or all."""
     return [c for c in FUSED_OPS if kind is None or c.kind == kind]
+
+
+def own_workload(kind: str):
+    """The Workload benchmarks shape family `kind` by, if it has its own (`Workload.own_shapes`:
+    linear_cross_entropy's (tokens, D, V)); None: the elementwise / linear tables."""
+    for c in FUSED_OPS:
+        if c.kind == kind and c.inputs is not None:
+            return c.workload if c.workload.own_shapes else None
+    return None
 
 
 def definition(node_op: str) -> FusedOp:
