@@ -3,7 +3,9 @@
 
     PYTHONPATH=$PWD:$PWD/.device/py python3 tools/gpu_train_memory.py [SPEC]
 
-Each variant (mx.compile, fused+compile, eager, fused) runs in a fresh Python process, so no
+    ... tools/gpu_train_memory.py SPEC mx.compile,fused+compile,fused-model+compile
+
+Each variant (mx.compile, fused+compile, eager, fused; fused-model[+compile]: fuse(model) only) runs in a fresh Python process, so no
 allocator cache, trace cache or buffer of another variant is alive: if the ratio is ~1.0 here,
 the bench's numbers came from measuring variants side by side in one process.
 """
@@ -22,11 +24,18 @@ def child(spec: str, variant: str) -> dict:
 
     from mlx_fusion import fuse
     from mlx_fusion.lm.spec import build
-    from mlx_fusion.lm.timing import train_step
+    from mlx_fusion.lm.timing import _loss, train_step
 
     model, (tokens,) = build(spec)
-    target = model if variant in ("eager", "mx.compile") else fuse(model, compile=variant == "fused+compile")
-    step = train_step(target, compiled=variant in ("mx.compile", "fused+compile"))
+    # As `mlx-fusion bench --model` builds it: the fused rows fuse the loss with the model as
+    # its argument; "fused-model" rows fuse only the model (the 0-fusion memory question).
+    loss_fn, target = None, model
+    if variant in ("fused", "fused+compile"):
+        loss_fn = fuse(_loss, compile=variant == "fused+compile")
+    elif variant.startswith("fused-model"):
+        target = fuse(model, compile=variant == "fused-model+compile")
+    step = train_step(target, compiled=variant in ("mx.compile", "fused+compile", "fused-model+compile"),
+                      loss_fn=loss_fn)
     x, y = tokens[:, :-1], tokens[:, 1:]
     mx.eval(step(x, y))
     mx.synchronize()
@@ -39,7 +48,8 @@ def child(spec: str, variant: str) -> dict:
         mx.eval(step(x, y))
         mx.synchronize()
         times.append(time.perf_counter() - t0)
-    fusions = getattr(getattr(target, "fusion_stats", None), "applied_count", None)
+    stats = loss_fn.stats if loss_fn is not None else getattr(target, "fusion_stats", None)
+    fusions = dict(stats.by_pattern) if stats is not None else None
     return {"variant": variant, "peak_gib": mx.get_peak_memory() / 2**30, "resident_gib": resident / 2**30,
             "median_ms": sorted(times)[2] * 1e3, "fusions": fusions}
 
@@ -49,8 +59,9 @@ def main():
         print(json.dumps(child(sys.argv[2], sys.argv[3])))
         return
     spec = sys.argv[1] if len(sys.argv) > 1 else SPEC
+    variants = sys.argv[2].split(",") if len(sys.argv) > 2 else ["mx.compile", "fused+compile", "eager", "fused"]
     rows = []
-    for variant in ("mx.compile", "fused+compile", "eager", "fused"):
+    for variant in variants:
         out = subprocess.run([sys.executable, __file__, "--child", spec, variant], capture_output=True, text=True)
         line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
         row = json.loads(line) if line.startswith("{") else {"variant": variant, "error": out.stderr[-500:]}
