@@ -313,9 +313,10 @@ def test_rule_leaves_small_cpu_logits_alone():
     assert "linear+cross_entropy" not in fused.stats.by_pattern
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["gpu-default", "MLX_FUSION_LCE_GPU"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
 @pytest.mark.parametrize("upcast", [False, True])
-def test_gpu_trace_of_nn_cross_entropy_is_matched(monkeypatch, small_chunks, dtype, upcast):
+def test_gpu_trace_of_nn_cross_entropy_is_matched(monkeypatch, small_chunks, dtype, upcast, chunked):
     """On a GPU nn.losses.cross_entropy calls mx.fast.cross_entropy, which export cannot write;
     graph/trace.py spells it as exportable ops there. Simulated here by making mlx.nn (and the
     trace) see a GPU default device during the trace only; the rewritten graph runs on the CPU."""
@@ -337,8 +338,11 @@ def test_gpu_trace_of_nn_cross_entropy_is_matched(monkeypatch, small_chunks, dty
     assert "LogSumExp" in ops and "Reduce" in ops and ops.index("LogSumExp") < ops.index("Reduce")  # no max shift
     with fusion_config(min_tensor_size=0), monkeypatch.context() as m:
         m.setattr(kernels, "kernel_backend", lambda: "cuda")  # the rules decide as on a GPU
+        m.setattr(lce_chunks, "GPU_CHUNKS_BY_DEFAULT", chunked)
         stats = FusionOptimizer().optimize(graph)
-    assert stats.by_pattern == {"linear+cross_entropy": 1}  # not the smaller cross_entropy match
+    # By default a GPU keeps MLX's own (fast) cross-entropy: the replay calls mx.fast.cross_entropy
+    # rather than its traced decomposition; chunked, the larger linear+cross_entropy match wins.
+    assert stats.by_pattern == ({"linear+cross_entropy": 1} if chunked else {"cross_entropy": 1})
     (got,) = run_graph(graph, [h, w, t])
     z = (h @ w.T).astype(mx.float32)  # mx.fast.cross_entropy's semantics: float32 math
     want = mx.fast.cross_entropy(z, t).astype(mx.float32 if upcast else dtype).mean()

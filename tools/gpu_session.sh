@@ -41,7 +41,7 @@ for step in "$@"; do
              timeout 100 python3 tools/percall_profile.py ${PERCALL_ARGS:---quick} --json "$OUT/percall.json" > "$OUT/percall.txt" 2>&1
              tail -20 "$OUT/percall.txt" ;;
     merge) timeout 90 python3 tools/merge_decode_probe.py --json "$OUT/merge_decode.json" 2>&1 | tee "$OUT/merge_decode.txt" ;;
-    trainmem) for spec in "$LLAMA3,batch=4,seq=1025" "$LLAMA2,batch=4,seq=513"; do
+    trainmem) for spec in ${TRAIN_SPECS:-"$LLAMA3,batch=4,seq=1025" "$LLAMA2,batch=4,seq=513"}; do
                 timeout 200 python3 tools/gpu_train_memory.py "$spec" ${TRAIN_VARIANTS:-mx.compile,fused+compile,fused-model+compile} \
                   2>&1 | tee -a "$OUT/trainmem.txt"; done ;;
     *) echo "unknown step $step" ;;

@@ -20,6 +20,11 @@ SPEC = ("mlx-lm:llama:hidden_size=2048,num_hidden_layers=8,intermediate_size=563
 
 
 def child(spec: str, variant: str) -> dict:
+    import os
+
+    if variant.endswith("+lce"):  # the chunked linear+cross_entropy on a GPU too (lce_chunks)
+        os.environ["MLX_FUSION_LCE_GPU"] = "1"
+        variant = variant[: -len("+lce")]
     import mlx.core as mx
 
     from mlx_fusion import fuse
@@ -37,7 +42,7 @@ def child(spec: str, variant: str) -> dict:
     step = train_step(target, compiled=variant in ("mx.compile", "fused+compile", "fused-model+compile"),
                       loss_fn=loss_fn)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    mx.eval(step(x, y))
+    losses = [step(x, y).item()]  # from the common starting weights: comparable across variants
     mx.synchronize()
     resident = mx.get_active_memory()
     mx.clear_cache()
@@ -45,13 +50,15 @@ def child(spec: str, variant: str) -> dict:
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        mx.eval(step(x, y))
+        loss = step(x, y)
+        mx.eval(loss)
         mx.synchronize()
         times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
     stats = loss_fn.stats if loss_fn is not None else getattr(target, "fusion_stats", None)
     fusions = dict(stats.by_pattern) if stats is not None else None
     return {"variant": variant, "peak_gib": mx.get_peak_memory() / 2**30, "resident_gib": resident / 2**30,
-            "median_ms": sorted(times)[2] * 1e3, "fusions": fusions}
+            "median_ms": sorted(times)[2] * 1e3, "fusions": fusions, "losses": [round(v, 5) for v in losses]}
 
 
 def main():
@@ -63,8 +70,10 @@ def main():
     rows = []
     for variant in variants:
         out = subprocess.run([sys.executable, __file__, "--child", spec, variant], capture_output=True, text=True)
+        variant = variant.replace("+lce", " (chunked lce)")
         line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
         row = json.loads(line) if line.startswith("{") else {"variant": variant, "error": out.stderr[-500:]}
+        row["variant"] = variant
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r for r in rows if r["variant"] == "mx.compile" and "peak_gib" in r), None)
@@ -72,7 +81,7 @@ def main():
         for r in rows:
             if "peak_gib" in r:
                 print(f"{r['variant']:14s} peak {r['peak_gib']:.2f} GiB ({r['peak_gib'] / base['peak_gib']:.2f}x "
-                      f"mx.compile)  {r['median_ms']:.1f} ms  fusions={r['fusions']}")
+                      f"mx.compile)  {r['median_ms']:.1f} ms  fusions={r['fusions']}  losses={r['losses']}")
 
 
 if __name__ == "__main__":

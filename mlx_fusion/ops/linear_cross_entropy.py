@@ -143,9 +143,10 @@ def linear_cross_entropy(h: mx.array, weight: mx.array, targets: mx.array, reduc
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     chunk = int(chunk_size) if chunk_size else default_chunk_rows(rows, vocab, gpu)
-    if not gpu and (chunk >= rows or (chunk_size is None and not worth_chunking(rows, vocab, gpu))):
+    if (chunk_size is None and not worth_chunking(rows, vocab, gpu)) or (not gpu and chunk >= rows):
         # The CPU: one chunk would hold every logit anyway, and small logits are not worth a
-        # second GEMM; MLX's own code is the fused op there (docs/linear-cross-entropy.md).
+        # second GEMM; a GPU: MLX's own cross-entropy is the leaner and faster one (lce_chunks).
+        # MLX's own code is the fused op there (docs/linear-cross-entropy.md).
         return linear_cross_entropy_reference(h, weight, targets, reduction, upcast)
     t = mx.stop_gradient(valid_targets(targets.reshape(-1), vocab))
     loss = _primitive(min(chunk, rows), bool(upcast))(h2, weight, t)[0].reshape(targets.shape)
@@ -204,8 +205,8 @@ def _builder(f32_math: bool):
         if h.dtype != w.dtype or not mx.issubdtype(t.dtype, mx.integer):
             return None
         rows, vocab = int(out.size), int(w.shape[0])
-        if kernels.kernel_backend() is None and not lce_chunks.worth_chunking(rows, vocab, False):
-            return None  # the CPU runs MLX's own code for small logits (linear_cross_entropy): nothing to fuse
+        if not lce_chunks.worth_chunking(rows, vocab, kernels.kernel_backend() is not None):
+            return None  # MLX's own code runs (linear_cross_entropy): small CPU logits, and GPUs
         upcast = h.dtype != mx.float32 and (f32_math or out.dtype == mx.float32)
         cast = out.dtype if upcast and out.dtype != mx.float32 else None
         # The size the legality check and the price see is the logits' (rows x V): what the op saves.
