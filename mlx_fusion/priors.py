@@ -53,11 +53,9 @@ def prior_speedup(pattern, dtype, size: int, device: str) -> Optional[float]:
     entries = _priors(kind)
     if not entries:
         return None
-    op_kind = _pattern_kind(pattern)
-    if op_kind is None:
-        return None
     b = size_bucket(size)
-    for name in (pattern_name(pattern), "*" + op_kind):
+    op_kind = _pattern_kind(pattern)  # None for a pattern no benchmark case measures: its own entries only
+    for name in (pattern_name(pattern),) + (("*" + op_kind,) if op_kind else ()):
         for bucket in (b, b - 1, b + 1):
             hit = entries.get(cache_key(kind, name, dtype, bucket))
             if hit is not None:
