@@ -108,7 +108,8 @@ def test_fast_paths_return_what_the_checks_return():
         fused_glu(a, b, "relu")
     h, y = fused_add_rms_norm(a, b, None)
     h2, y2 = add_rms_norm_reference(a, b, None)
-    np.testing.assert_array_equal(np.array(y), np.array(y2))
+    # (a GPU's kernel and mx.fast.rms_norm round differently in the last bit)
+    np.testing.assert_allclose(np.array(y), np.array(y2), rtol=1e-6, atol=1e-6)
 
 
 def test_compact_drops_comments_and_keeps_code_and_macros():
@@ -132,8 +133,10 @@ def test_percall_profile_runs_on_the_cpu(tmp_path, monkeypatch):
         raw = [r for r in rows if r["variant"] == "raw"]
         if stub:  # the stub kernel stands in for the GPU: host rows only
             assert all(r["device_us"] is None and r["host_us"] > 0 for r in rows if r["variant"] != "fused_comp")
-        else:  # no custom kernels on the CPU
+        elif mx.default_device().type == mx.DeviceType.cpu:  # no custom kernels on the CPU
             assert all(r["host_us"] is None and r["device_us"] is None for r in raw)
+        else:  # a GPU times the bare kernel launch too
+            assert all(r["host_us"] > 0 and r["device_us"] > 0 for r in raw)
 
 
 def test_a_get_kernel_spy_sees_cached_launches(counting):
