@@ -9,7 +9,7 @@
 # sessions skip the kernel compiles.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-bash .device/mlx-cuda/install.sh >/dev/null || exit 1
+[ -n "${SKIP_INSTALL:-}" ] || bash .device/mlx-cuda/install.sh >/dev/null || exit 1  # SKIP_INSTALL=1: done already
 export PYTHONPATH=$PWD:$PWD/.device/py PYTHONUNBUFFERED=1 MLX_PTX_CACHE_DIR=$PWD/.device/ptx MLX_FUSION_CACHE=/tmp/mfc
 mkdir -p .device/ptx
 [ -f .device/ptx.tgz ] && tar xzf .device/ptx.tgz -C .device  # a saved $OUT/ptx.tgz, carried compressed
@@ -42,7 +42,7 @@ for step in "$@"; do
              tail -20 "$OUT/percall.txt" ;;
     merge) timeout 90 python3 tools/merge_decode_probe.py --json "$OUT/merge_decode.json" 2>&1 | tee "$OUT/merge_decode.txt" ;;
     trainmem) for spec in ${TRAIN_SPECS:-"$LLAMA3,batch=4,seq=1025" "$LLAMA2,batch=4,seq=513"}; do
-                timeout 200 python3 tools/gpu_train_memory.py "$spec" ${TRAIN_VARIANTS:-mx.compile,fused+compile,fused-model+compile} \
+                timeout ${TRAIN_TIMEOUT:-200} python3 tools/gpu_train_memory.py "$spec" ${TRAIN_VARIANTS:-mx.compile,fused+compile,fused-model+compile} \
                   2>&1 | tee -a "$OUT/trainmem.txt"; done ;;
     *) echo "unknown step $step" ;;
   esac

@@ -5,12 +5,18 @@
 
     ... tools/gpu_train_memory.py SPEC mx.compile,fused+compile,fused-model+compile
 
+A variant may end in ``@mb=N`` (the child runs with MLX_MAX_MB_PER_BUFFER=N: MLX's CUDA encoder
+commits a graph after N MB of inputs, 1000 on an H100/H200, and keeps every input alive until its
+graph completes) and/or ``@limit=G`` (``mx.set_memory_limit(G GiB)``: MLX's eval waits for running
+graphs while the active memory is above the limit), e.g. ``mx.compile@limit=14``.
+
 Each variant (mx.compile, fused+compile, eager, fused; fused-model[+compile]: fuse(model) only) runs in a fresh Python process, so no
 allocator cache, trace cache or buffer of another variant is alive: if the ratio is ~1.0 here,
 the bench's numbers came from measuring variants side by side in one process.
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,6 +28,9 @@ SPEC = ("mlx-lm:llama:hidden_size=2048,num_hidden_layers=8,intermediate_size=563
 def child(spec: str, variant: str) -> dict:
     import os
 
+    variant, *options = variant.split("@")
+    options = dict(o.split("=") for o in options)
+
     if variant.endswith("+lce"):  # the chunked linear+cross_entropy on a GPU too (lce_chunks)
         os.environ["MLX_FUSION_LCE_GPU"] = "1"
         variant = variant[: -len("+lce")]
@@ -31,6 +40,8 @@ def child(spec: str, variant: str) -> dict:
     from mlx_fusion.lm.spec import build
     from mlx_fusion.lm.timing import _loss, train_step
 
+    if "limit" in options:
+        mx.set_memory_limit(int(float(options["limit"]) * 2**30))
     model, (tokens,) = build(spec)
     # As `mlx-fusion bench --model` builds it: the fused rows fuse the loss with the model as
     # its argument; "fused-model" rows fuse only the model (the 0-fusion memory question).
@@ -69,7 +80,12 @@ def main():
     variants = sys.argv[2].split(",") if len(sys.argv) > 2 else ["mx.compile", "fused+compile", "eager", "fused"]
     rows = []
     for variant in variants:
-        out = subprocess.run([sys.executable, __file__, "--child", spec, variant], capture_output=True, text=True)
+        env = dict(os.environ)
+        for option in variant.split("@")[1:]:
+            if option.startswith("mb="):
+                env["MLX_MAX_MB_PER_BUFFER"] = option[3:]
+        out = subprocess.run([sys.executable, __file__, "--child", spec, variant], capture_output=True, text=True,
+                             env=env)
         variant = variant.replace("+lce", " (chunked lce)")
         line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
         row = json.loads(line) if line.startswith("{") else {"variant": variant, "error": out.stderr[-500:]}
@@ -80,7 +96,7 @@ def main():
     if base:
         for r in rows:
             if "peak_gib" in r:
-                print(f"{r['variant']:14s} peak {r['peak_gib']:.2f} GiB ({r['peak_gib'] / base['peak_gib']:.2f}x "
+                print(f"{r['variant']:24s} peak {r['peak_gib']:.2f} GiB ({r['peak_gib'] / base['peak_gib']:.2f}x "
                       f"mx.compile)  {r['median_ms']:.1f} ms  fusions={r['fusions']}  losses={r['losses']}")
 
 
