@@ -19,6 +19,7 @@ restored when the call returns.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from operator import is_
@@ -28,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._fusion_state import _FusionState, compile_like_mlx, signature
-from ._shapeless import KNOWN_OUTSIDE, in_shapeless_trace
+from ._shapeless import KNOWN_OUTSIDE, in_shapeless_trace, known_outside_now as known_outside
 from ._sibling_merge import enter, leave, member_class, merging, sibling_groups
 from ._tracing import tracing
 from .graph.module_state import ModuleState
@@ -39,6 +40,7 @@ __all__ = ["FusedModule", "fuse_module", "fused_class"]
 
 _local = threading.local()  # id(child) -> its _FusionState while a split call runs
 _SPLIT_REASONS = ("could not trace", "writes Python state")
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _child_states() -> dict:
@@ -69,11 +71,15 @@ class FusedModule:
         cfg = state.config()
         if not cfg.enabled:
             return forward(self, *args, **kwargs)
-        if in_shapeless_trace():
-            # An outer mx.compile(shapeless=True) traces this call: a replay bakes the traced
-            # shapes (reshapes) and fused primitives have no shape rule (docs/never-wrong.md).
+        # An outer mx.compile(shapeless=True) traces this call: a replay bakes the traced shapes
+        # (reshapes) and fused primitives have no shape rule (docs/never-wrong.md), so such a call
+        # runs the module's own forward. The probe costs an eval on MLX's CPU stream; a state
+        # whose last call ran its original forward (nothing fused) defers it to `_probe_late`,
+        # as the original forward is right in any trace: most calls then skip it.
+        late = state.direct_last and not known_outside()
+        if not late and in_shapeless_trace():
             return forward(self, *args, **kwargs)
-        with KNOWN_OUTSIDE:  # children and replays below skip the probe
+        with (_NO_CONTEXT if late else KNOWN_OUTSIDE):  # children and replays below skip the probe
             if state.origin is not None:
                 state.origin.pull(self)
             if not kwargs and all(type(a) is _array for a in args):
@@ -107,8 +113,14 @@ class FusedModule:
             key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
                    signature(leaves))
             loose = None if type(structure) is int else (lambda: key[:3] + (_loose(args, kwargs),) + key[4:])
+            if late:
+                hit = state.cache.get(key)
+                if hit is None or not hit.direct or hit.fallback is not None:  # a trace or a replay next
+                    state.direct_last, state.calls = False, state.calls - 1
+                    return self(*args, **kwargs)  # again, probing first
             entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose,
                                 leaves)
+            state.direct_last = entry.fallback is None and entry.direct
             if entry.fallback is None:
                 if entry.direct:
                     return _direct(self, state, forward, entry, params, args, kwargs)
@@ -138,7 +150,7 @@ class FusedModule:
             s.loose.clear()
             s.weights.records.clear()
             s.sibling, s.sibling_index = {}, None
-            s.writes, s.inert, s.calls, s.fused = None, False, 0, 0
+            s.writes, s.inert, s.calls, s.fused, s.direct_last = None, False, 0, 0, False
             s.plain_calls.clear()
             s.split_calls.clear()
 

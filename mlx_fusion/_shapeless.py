@@ -24,7 +24,7 @@ import threading
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["in_shapeless_trace", "known_outside"]
+__all__ = ["in_shapeless_trace", "known_outside", "known_outside_now"]
 
 _PROBE = mx.zeros((1,), dtype=mx.float32, stream=mx.cpu)
 mx.eval(_PROBE)
@@ -49,6 +49,11 @@ class known_outside:
 
 
 KNOWN_OUTSIDE = known_outside()
+
+
+def known_outside_now() -> bool:
+    """Whether an enclosing fused call has already probed (and found no shapeless trace)."""
+    return bool(getattr(_known, "depth", 0))
 
 
 def in_shapeless_trace() -> bool:

@@ -12,7 +12,7 @@ import pytest
 
 from mlx_fusion import fuse, kernels
 from mlx_fusion._shapeless import in_shapeless_trace
-from mlx_fusion.config import fusion_config
+from mlx_fusion.config import FusionConfig, fusion_config
 from mlx_fusion.ops.add_norm import add_rms_norm_reference, fused_add_rms_norm
 from mlx_fusion.ops.binary import binary_reference, fused_binary
 from mlx_fusion.ops.glu import fused_glu, glu_reference
@@ -155,3 +155,51 @@ def test_fused_function_under_an_outer_shapeless_compile_runs_the_original():
         for shape in [(4, 16), (9, 16)]:
             x, r = inputs(shape)
             close(f(x, r), fn(x, r))
+
+
+class _CallsAFusedOp(nn.Module):
+    """A user's module that calls a fused op itself: the graph walker has nothing more to fuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False)
+
+    def __call__(self, x):
+        return fused_glu(self.gate(x), self.up(x), "silu")
+
+
+@pytest.mark.parametrize("make", [_mlp, _CallsAFusedOp], ids=["nothing fused", "calls a fused op"])
+def test_unfused_module_skips_the_probe_and_stays_right_under_shapeless(make):
+    """A fused module whose trace fused nothing runs its original forward without probing (the
+    probe costs an eval per call); that stays right when a shapeless compile traces it later,
+    including a fused op called inside the forward, which probes for itself."""
+    model = make()
+    mx.eval(model.parameters())
+    fused = fuse(model, FusionConfig(min_tensor_size=10**9))  # nothing is worth fusing
+    x = inputs((2, 4, 16))[0]
+    for _ in range(3):
+        close(fused(x), model(x))
+    assert fused._fusion.direct_last
+    xs = [inputs(shape)[0] for shape in [(2, 4, 16), (2, 7, 16), (3, 16)]]
+    wants = [model(x) for x in xs]
+    with kernels.use_backend("metal", _no_kernels):  # a fused op that built a kernel here would raise
+        f = mx.compile(lambda x: fused(x), shapeless=True)
+        for x, want in zip(xs, wants):
+            close(f(x), want)
+
+
+def test_a_module_that_fused_nothing_does_not_probe(monkeypatch):
+    import mlx_fusion._fused_module as fused_module
+
+    probes = []
+    monkeypatch.setattr(fused_module, "in_shapeless_trace", lambda: probes.append(1) or False)
+    model = _mlp()
+    fused = fuse(model, FusionConfig(min_tensor_size=10**9))
+    x = inputs((2, 4, 16))[0]
+    fused(x)  # probes, traces: nothing fused
+    n = len(probes)
+    for _ in range(3):
+        close(fused(x), model(x))
+    assert len(probes) == n
+    fused(inputs((5, 16))[0])  # a new shape traces again: it probes first
+    assert len(probes) == n + 1
