@@ -12,7 +12,8 @@ as well as inference to be taken by default, and win by at least 5%: a ratio in
 op in the graph for nothing). Per-kind entries ("*binary",
 "*scalar", "*linear") give the median for patterns that were not measured.
 A file of kind "prior-overlay" (entries written from a model-level measurement, with
-its note) is copied in as it is, after the op tables.
+its note) is copied in as it is, after the op tables; its "*kind" entries replace the op
+tables' entries of that kind at the same dtype and size bucket.
 """
 import json
 import statistics
@@ -26,6 +27,10 @@ from mlx_fusion.benchmark import case_for_pattern  # noqa: E402
 from mlx_fusion.perfcache import cache_key, output_size, size_bucket  # noqa: E402
 
 MARGIN = 1.05  # the least speedup taken as a win (module docstring)
+
+
+def _kind_of(name: str) -> str:
+    return name[1:] if name.startswith("*") else case_for_pattern(name).kind
 
 
 def _win(speedup: float) -> float:
@@ -54,6 +59,12 @@ def main(kind, *paths):
     entries = {k: {"speedup": _win(v)} for k, v in best.items()}
     for (k, dtype, bucket), vals in per_kind.items():
         entries[f"{kind}|*{k}|{dtype}|{bucket}"] = {"speedup": _win(statistics.median(vals))}
+    for key in overlays:  # an overlay's "*kind" entry speaks for every pattern of that kind there
+        _, name, dtype, bucket = key.split("|")
+        if name.startswith("*"):
+            for k in [k for k in entries if _kind_of(k.split("|")[1]) == name[1:]
+                      and k.split("|")[2:] == [dtype, bucket]]:
+                del entries[k]
     entries.update(overlays)
     out = Path(__file__).resolve().parent.parent / "mlx_fusion" / "data" / f"priors-{kind}.json"
     out.write_text(json.dumps({"measured_on": sorted(source), "rule": __doc__.split("\n\n")[2],
