@@ -19,7 +19,6 @@ restored when the call returns.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 from operator import is_
@@ -29,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._fusion_state import _FusionState, compile_like_mlx, signature
-from ._shapeless import KNOWN_OUTSIDE, in_shapeless_trace, known_outside_now as known_outside
+from ._shapeless import KNOWN_OUTSIDE, NOT_KNOWN, in_shapeless_trace, known_outside_now
 from ._sibling_merge import enter, leave, member_class, merging, sibling_groups
 from ._tracing import tracing
 from .graph.module_state import ModuleState
@@ -40,7 +39,6 @@ __all__ = ["FusedModule", "fuse_module", "fused_class"]
 
 _local = threading.local()  # id(child) -> its _FusionState while a split call runs
 _SPLIT_REASONS = ("could not trace", "writes Python state")
-_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _child_states() -> dict:
@@ -76,10 +74,10 @@ class FusedModule:
         # runs the module's own forward. The probe costs an eval on MLX's CPU stream; a state
         # whose last call ran its original forward (nothing fused) defers it to `_probe_late`,
         # as the original forward is right in any trace: most calls then skip it.
-        late = state.direct_last and not known_outside()
+        late = state.direct_last and not known_outside_now()
         if not late and in_shapeless_trace():
             return forward(self, *args, **kwargs)
-        with (_NO_CONTEXT if late else KNOWN_OUTSIDE):  # children and replays below skip the probe
+        with (NOT_KNOWN if late else KNOWN_OUTSIDE):  # children and replays below skip the probe
             if state.origin is not None:
                 state.origin.pull(self)
             if not kwargs and all(type(a) is _array for a in args):

@@ -19,12 +19,13 @@ it is allowed inside any trace, and it costs a few microseconds.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["in_shapeless_trace", "known_outside", "known_outside_now"]
+__all__ = ["in_shapeless_trace", "known_outside", "known_outside_now", "NOT_KNOWN"]
 
 _PROBE = mx.zeros((1,), dtype=mx.float32, stream=mx.cpu)
 mx.eval(_PROBE)
@@ -49,6 +50,7 @@ class known_outside:
 
 
 KNOWN_OUTSIDE = known_outside()
+NOT_KNOWN = contextlib.nullcontext()  # the other branch of ``with (NOT_KNOWN if ... else KNOWN_OUTSIDE)``
 
 
 def known_outside_now() -> bool:

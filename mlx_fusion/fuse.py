@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 from ._fused_module import FusedModule, fuse_module
 from ._fusion_state import REGISTRY, FusionFallbackWarning, _FusionState, compile_like_mlx, optimizer_stats, signature
-from ._shapeless import KNOWN_OUTSIDE, in_shapeless_trace
+from ._shapeless import KNOWN_OUTSIDE, NOT_KNOWN, in_shapeless_trace, known_outside_now
 from ._tracing import tracing
 from .control import ModuleFilter
 from .graph.module_state import Identity, ModuleState, Unsafe, static_key
@@ -73,9 +73,10 @@ class FusedFunction:
         cfg = state.config()
         if not cfg.enabled or state.writes:  # code that writes state would retrace every call
             return self._fn(*args, **kwargs)
-        if in_shapeless_trace():  # an outer shapeless mx.compile: see FusedModule.__call__
+        late = state.direct_last and not known_outside_now()  # the probe deferred: see FusedModule.__call__
+        if not late and in_shapeless_trace():  # an outer shapeless mx.compile: see FusedModule.__call__
             return self._fn(*args, **kwargs)
-        with KNOWN_OUTSIDE:  # the replay's fused ops and fused modules skip the probe
+        with (NOT_KNOWN if late else KNOWN_OUTSIDE):  # the replay's fused ops and fused modules skip the probe
             states, modules = [], ()
             if not kwargs and all(type(a) is mx.array for a in args):
                 leaves, structure = args, len(args)  # the common case, without a tree walk
@@ -104,8 +105,14 @@ class FusedFunction:
                    closure_key)
             loose = None if type(structure) is int else (
                 lambda: (key[0], call_key(flatten_tree((args, kwargs))[1], loose=True)) + key[2:])
+            if late:
+                hit = state.cache.get(key)
+                if hit is None or not hit.direct or hit.fallback is not None:  # a trace or a replay next
+                    state.direct_last = False
+                    return self(*args, **kwargs)  # again, probing first
             entry = state.entry(key, lambda: _trace_flat(self._fn, states, args, kwargs, function_roots(self._fn)),
                                 cfg, params, loose=loose, inputs=leaves)
+            state.direct_last = entry.fallback is None and entry.direct
             if entry.fallback is None:
                 if entry.direct:
                     if not state.compile or entry.eager or type(structure) is not int and modules:

@@ -3,6 +3,7 @@ unfused code's values and gradients, on the CPU and with a (forced) GPU backend,
 step aside to their MLX code instead of building primitives no shapeless graph accepts."""
 
 import re
+import sys
 import warnings
 
 import mlx.core as mx
@@ -203,3 +204,27 @@ def test_a_module_that_fused_nothing_does_not_probe(monkeypatch):
     assert len(probes) == n
     fused(inputs((5, 16))[0])  # a new shape traces again: it probes first
     assert len(probes) == n + 1
+
+
+def test_a_function_that_fused_nothing_does_not_probe_and_stays_right(monkeypatch):
+    fuse_module = sys.modules["mlx_fusion.fuse"]  # (the package's `fuse` is the function)
+
+    def fn(x):
+        return fused_glu(x, x * 2, "silu")  # a fused op the walker leaves as it is
+
+    fused = fuse(fn, FusionConfig(min_tensor_size=10**9))
+    x = inputs((2, 4, 16))[0]
+    for _ in range(3):
+        close(fused(x), fn(x))
+    assert fused._fusion.direct_last
+    probes = []
+    monkeypatch.setattr(fuse_module, "in_shapeless_trace", lambda: probes.append(1) or False)
+    fused(x)
+    assert probes == []
+    monkeypatch.undo()
+    xs = [inputs(shape)[0] for shape in [(2, 4, 16), (3, 16)]]
+    wants = [glu_reference(x, x * 2, "silu") for x in xs]
+    with kernels.use_backend("metal", _no_kernels):
+        f = mx.compile(fused, shapeless=True)
+        for x, want in zip(xs, wants):
+            close(f(x), want)
