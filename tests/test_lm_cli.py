@@ -173,3 +173,15 @@ def test_bench_model_json_keeps_finished_mlx_lm_passes(tmp_path):
                  "--json", str(out)])
     data = json.loads(out.read_text())
     assert code == 0 and data["complete"] and data["measured"] == 12 == len(data["results"])
+
+
+def test_cuda_memory_note_only_on_cuda_without_the_setting(monkeypatch):
+    from mlx_fusion.cli import bench
+
+    monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER", raising=False)
+    monkeypatch.setattr("mlx_fusion.device.current_device_kind", lambda: "cpu")
+    assert bench.cuda_memory_note() == ""
+    monkeypatch.setattr("mlx_fusion.device.current_device_kind", lambda: "cuda")
+    assert "MLX_MAX_MB_PER_BUFFER" in bench.cuda_memory_note()
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "64")
+    assert bench.cuda_memory_note() == ""

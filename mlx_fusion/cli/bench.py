@@ -240,6 +240,9 @@ def _bench_model(args) -> int:
     out.print("fused = fuse(model, compile=False); fused+compile = fuse(model), the default "
               "(the fused graph replayed under mx.compile); for fwd+bwd, mx.compile and fused+compile "
               "compile the whole training step")
+    note = cuda_memory_note()
+    if note:
+        out.print(note)
     if args.json:
         write_json(args.json, document(complete=not interrupted, interrupted=interrupted), err)
     if interrupted:
@@ -268,3 +271,15 @@ def _print_model_table(out, spec: str, results, lm: bool) -> None:
                       "-" if r["fusions"] is None else str(r["fusions"]),
                       "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}")
     print_table(out, table, drop=MODEL_DROP_ORDER)
+
+
+def cuda_memory_note() -> str:
+    """On CUDA, what MLX's graph size does to the peak-memory column (docs/mlx-lm.md), unless set."""
+    import os
+
+    from ..device import current_device_kind
+
+    if current_device_kind() != "cuda" or "MLX_MAX_MB_PER_BUFFER" in os.environ:
+        return ""
+    return ("peak memory on CUDA: mostly MLX's buffers in flight (MLX_MAX_MB_PER_BUFFER unset: 1000 MB per "
+            "graph on Hopper, Metal uses 40-50); compare at e.g. MLX_MAX_MB_PER_BUFFER=64 (docs/mlx-lm.md)")
