@@ -112,6 +112,7 @@ class ModuleState:
         self.sizes: List[Tuple[Any, int]] = []
         self.modules: List[nn.Module] = []
         self.attrs: List[Tuple[dict, tuple]] = []  # (an attribute dict, its values): identity-checked
+        self._attr_dicts = set()  # ids of the attribute objects' dicts in `attrs`: each checked once
         self.unsafe = None
         static: list = []
         seen = set()
@@ -167,7 +168,9 @@ class ModuleState:
         for k in keys:
             v = d[k]
             static.append((f"{where}.{k}", self._key(v, f"{where}.{k}")))
-            if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type, types.FunctionType, types.ModuleType)):
+            if (hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type, types.FunctionType, types.ModuleType))
+                    and id(v.__dict__) not in self._attr_dicts):  # (mlx-lm's layers share one `args`)
+                self._attr_dicts.add(id(v.__dict__))
                 self.attrs.append((v.__dict__, tuple(v.__dict__.values()), len(v.__dict__)))
 
     def _key(self, v, where):
