@@ -39,6 +39,7 @@ __all__ = ["FusedModule", "fuse_module", "fused_class"]
 
 _local = threading.local()  # id(child) -> its _FusionState while a split call runs
 _SPLIT_REASONS = ("could not trace", "writes Python state")
+RECHECK_EVERY = 16  # an eager module that fused nothing checks its layout at least this often
 
 
 def _child_states() -> dict:
@@ -69,11 +70,20 @@ class FusedModule:
         cfg = state.config()
         if not cfg.enabled:
             return forward(self, *args, **kwargs)
+        if (state.direct_sig is not None and cfg is state._last[0] and state.calls % RECHECK_EVERY
+                and not kwargs and all(type(a) is _array for a in args) and signature(args) == state.direct_sig):
+            # Eager, and the last call with these inputs ran the original forward: so does this
+            # one, without the layout check and key (`direct_sig`). The original forward is right
+            # whatever changed in the module; a change that would let a new trace fuse something
+            # is seen at the next full check (every RECHECK_EVERY calls, or other inputs).
+            if state.origin is not None:
+                state.origin.pull(self)
+            return forward(self, *args, **kwargs)
         # An outer mx.compile(shapeless=True) traces this call: a replay bakes the traced shapes
         # (reshapes) and fused primitives have no shape rule (docs/never-wrong.md), so such a call
         # runs the module's own forward. The probe costs an eval on MLX's CPU stream; a state
-        # whose last call ran its original forward (nothing fused) defers it to `_probe_late`,
-        # as the original forward is right in any trace: most calls then skip it.
+        # whose last call ran its original forward (nothing fused) defers it to the key lookup
+        # below, as the original forward is right in any trace: most calls then skip it.
         late = state.direct_last and not known_outside_now()
         if not late and in_shapeless_trace():
             return forward(self, *args, **kwargs)
@@ -114,11 +124,14 @@ class FusedModule:
             if late:
                 hit = state.cache.get(key)
                 if hit is None or not hit.direct or hit.fallback is not None:  # a trace or a replay next
-                    state.direct_last, state.calls = False, state.calls - 1
+                    state.direct_last, state.direct_sig, state.calls = False, None, state.calls - 1
                     return self(*args, **kwargs)  # again, probing first
             entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose,
                                 leaves)
             state.direct_last = entry.fallback is None and entry.direct
+            # (compiled, the direct path bakes the module's attributes: it always checks them)
+            state.direct_sig = (signature(leaves) if state.direct_last and type(structure) is int
+                                and (not state.compile or entry.eager) else None)
             if entry.fallback is None:
                 if entry.direct:
                     return _direct(self, state, forward, entry, params, args, kwargs)
@@ -148,7 +161,7 @@ class FusedModule:
             s.loose.clear()
             s.weights.records.clear()
             s.sibling, s.sibling_index = {}, None
-            s.writes, s.inert, s.calls, s.fused, s.direct_last = None, False, 0, 0, False
+            s.writes, s.inert, s.calls, s.fused, s.direct_last, s.direct_sig = None, False, 0, 0, False, None
             s.plain_calls.clear()
             s.split_calls.clear()
 

@@ -130,6 +130,7 @@ class _FusionState:
         self.origin, self.module_state, self.kids = None, None, {}
         self.calls, self.fused, self.inert = 0, 0, False  # see _fused_module._inert
         self.direct_last = False  # the last call ran the original forward (FusedModule.__call__)
+        self.direct_sig = None  # ...eagerly, for inputs of this signature: the next such call may skip the key
         self.plain_calls = set()  # argument types of split calls whose children all run plain
         self.split_calls: Dict[tuple, str] = {}  # argument types -> reason: split calls that merge (see merging)
         self._last = (None, None, None, None)  # (config, its key, params, their signature)

@@ -77,3 +77,49 @@ def test_compiled_subfunction_is_traced_through_and_fused():
     f = fuse(fn, ALL, compile=False)
     assert mx.allclose(f(X), fn(X)).item()
     assert f.stats.applied_count >= 1 and not f.fallbacks
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+        self.scale = 2.0
+
+    def __call__(self, x):
+        return self.inner(x) * self.scale
+
+
+def test_eager_module_that_fused_nothing_skips_the_key_and_stays_right():
+    """`fuse(m, compile=False)`: once a call ran the original forward, calls with the same inputs skip
+    the layout check and the key (`direct_sig`), and still see every change, as the original does."""
+    from mlx_fusion import _fused_module
+
+    model = _Scaled()
+    fused = fuse(model, NOTHING, compile=False)
+    for _ in range(2):
+        assert mx.allclose(fused(X), model(X)).item()
+    assert fused._fusion.direct_sig is not None
+    model.scale = 3.0  # a Python attribute read by the forward, on the original's top level: `pull`
+    assert mx.allclose(fused(X), model(X)).item()
+    model.inner.weight = model.inner.weight * 0 + 1  # a child's parameter
+    assert mx.allclose(fused(X), model(X)).item()
+    model.inner = nn.Linear(8, 8)  # the original's top level: taken over by `pull`
+    assert mx.allclose(fused(X), model(X)).item()
+    for _ in range(2 * _fused_module.RECHECK_EVERY):  # the periodic full check keeps it direct
+        assert mx.allclose(fused(X), model(X)).item()
+    assert all(e.direct for e in fused._fusion.cache.values())
+
+
+def test_eager_skip_sees_a_new_config_at_once():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+    mx.eval(model.parameters())
+    from mlx_fusion.config import fusion_config
+
+    fused = fuse(model, compile=False)
+    with fusion_config(min_tensor_size=1 << 40):
+        for _ in range(3):
+            fused(X)
+        assert fused.fusion_stats.applied_count == 0 and fused._fusion.traces == 1
+    with fusion_config(min_tensor_size=0):
+        fused(X)  # another config object: the full path, which traces again
+        assert fused._fusion.traces == 2
