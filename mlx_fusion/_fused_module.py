@@ -121,11 +121,9 @@ class FusedModule:
             key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
                    signature(leaves))
             loose = None if type(structure) is int else (lambda: key[:3] + (_loose(args, kwargs),) + key[4:])
-            if late:
-                hit = state.cache.get(key)
-                if hit is None or not hit.direct or hit.fallback is not None:  # a trace or a replay next
-                    state.direct_last, state.direct_sig, state.calls = False, None, state.calls - 1
-                    return self(*args, **kwargs)  # again, probing first
+            if late and not state.direct_hit(key):  # a trace or a replay next: again, probing first
+                state.calls -= 1
+                return self(*args, **kwargs)
             entry = state.entry(key, lambda: trace_module_with(ms, forward, args, kwargs), cfg, params, any(flags), loose,
                                 leaves)
             state.direct_last = entry.fallback is None and entry.direct

@@ -139,6 +139,15 @@ class _FusionState:
         self.sibling_index = None  # (children, their classes, groups) of the last split call
         REGISTRY.add(self)
 
+    def direct_hit(self, key) -> bool:
+        """Whether `key`'s cached entry runs the original callable (a deferred probe may stay
+        skipped); if not, the next call probes first (`direct_last` is cleared)."""
+        hit = self.cache.get(key)
+        if hit is not None and hit.direct and hit.fallback is None:
+            return True
+        self.direct_last, self.direct_sig = False, None
+        return False
+
     def config(self):
         return self._config if self._config is not None else get_config()
 

@@ -105,11 +105,8 @@ class FusedFunction:
                    closure_key)
             loose = None if type(structure) is int else (
                 lambda: (key[0], call_key(flatten_tree((args, kwargs))[1], loose=True)) + key[2:])
-            if late:
-                hit = state.cache.get(key)
-                if hit is None or not hit.direct or hit.fallback is not None:  # a trace or a replay next
-                    state.direct_last = False
-                    return self(*args, **kwargs)  # again, probing first
+            if late and not state.direct_hit(key):  # a trace or a replay next: again, probing first
+                return self(*args, **kwargs)
             entry = state.entry(key, lambda: _trace_flat(self._fn, states, args, kwargs, function_roots(self._fn)),
                                 cfg, params, loose=loose, inputs=leaves)
             state.direct_last = entry.fallback is None and entry.direct

@@ -26,8 +26,6 @@ SPEC = ("mlx-lm:llama:hidden_size=2048,num_hidden_layers=8,intermediate_size=563
 
 
 def child(spec: str, variant: str) -> dict:
-    import os
-
     variant, *options = variant.split("@")
     options = dict(o.split("=") for o in options)
 
