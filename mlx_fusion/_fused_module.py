@@ -79,6 +79,14 @@ class FusedModule:
             if state.origin is not None:
                 state.origin.pull(self)
             return forward(self, *args, **kwargs)
+        arrays_only = not kwargs and all(type(a) is _array for a in args)
+        kinds = None if arrays_only else _arg_kinds(args, kwargs)
+        if kinds is not None and kinds in state.plain_calls:
+            # A decode step: everything below runs plain (see _split). The original forward is
+            # right in any trace, so neither the shapeless probe nor a check is needed.
+            if state.origin is not None:
+                state.origin.pull(self)
+            return forward(self, *args, **kwargs)
         # An outer mx.compile(shapeless=True) traces this call: a replay bakes the traced shapes
         # (reshapes) and fused primitives have no shape rule (docs/never-wrong.md), so such a call
         # runs the module's own forward. The probe costs an eval on MLX's CPU stream; a state
@@ -90,12 +98,9 @@ class FusedModule:
         with (NOT_KNOWN if late else KNOWN_OUTSIDE):  # children and replays below skip the probe
             if state.origin is not None:
                 state.origin.pull(self)
-            if not kwargs and all(type(a) is _array for a in args):
+            if arrays_only:
                 leaves, structure = args, len(args)
             else:
-                kinds = _arg_kinds(args, kwargs)
-                if kinds in state.plain_calls:  # a decode step: everything below runs plain (see _split)
-                    return forward(self, *args, **kwargs)
                 reason = state.split_calls.get(kinds)
                 if reason is not None:  # a decode step of an attention that merges its q/k/v
                     return _split(self, state, forward, reason, args, kwargs)

@@ -228,3 +228,28 @@ def test_a_function_that_fused_nothing_does_not_probe_and_stays_right(monkeypatc
         f = mx.compile(fused, shapeless=True)
         for x, want in zip(xs, wants):
             close(f(x), want)
+
+
+def test_decode_steps_that_run_plain_do_not_probe(monkeypatch):
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import make_prompt_cache
+
+    import mlx_fusion._fused_module as fused_module
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=64, rms_norm_eps=1e-5,
+                           rope_theta=10000.0, tie_word_embeddings=False)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    fused = fuse(model, FusionConfig(min_tensor_size=10**9))  # nothing fuses: decode runs plain
+    caches = make_prompt_cache(model), make_prompt_cache(model)
+    prompt = mx.array([[1, 2, 3, 4]])
+    close(fused(prompt, cache=caches[0]), model(prompt, cache=caches[1]))
+    y = mx.array([[5]])
+    for _ in range(3):  # the children become inert: the split's kinds of arguments run plain
+        close(fused(y, cache=caches[0]), model(y, cache=caches[1]))
+    probes = []
+    monkeypatch.setattr(fused_module, "in_shapeless_trace", lambda: probes.append(1) or False)
+    for _ in range(3):
+        close(fused(y, cache=caches[0]), model(y, cache=caches[1]))
+    assert probes == [] and caches[0][0].offset == caches[1][0].offset
