@@ -27,7 +27,7 @@ from typing import List, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._fusion_state import _FusionState, compile_like_mlx, signature
+from ._fusion_state import FUSED_WORK, _FusionState, compile_like_mlx, signature
 from ._shapeless import KNOWN_OUTSIDE, NOT_KNOWN, in_shapeless_trace, known_outside_now
 from ._sibling_merge import enter, leave, member_class, merging, sibling_groups
 from ._tracing import tracing
@@ -40,6 +40,7 @@ __all__ = ["FusedModule", "fuse_module", "fused_class"]
 _local = threading.local()  # id(child) -> its _FusionState while a split call runs
 _SPLIT_REASONS = ("could not trace", "writes Python state")
 RECHECK_EVERY = 16  # an eager module that fused nothing checks its layout at least this often
+PLAIN_SHAPES = 64  # at most this many (kinds, shapes) of split calls remembered as plain
 
 
 def _child_states() -> dict:
@@ -81,12 +82,15 @@ class FusedModule:
             return forward(self, *args, **kwargs)
         arrays_only = not kwargs and all(type(a) is _array for a in args)
         kinds = None if arrays_only else _arg_kinds(args, kwargs)
-        if kinds is not None and kinds in state.plain_calls:
-            # A decode step: everything below runs plain (see _split). The original forward is
-            # right in any trace, so neither the shapeless probe nor a check is needed.
-            if state.origin is not None:
-                state.origin.pull(self)
-            return forward(self, *args, **kwargs)
+        if kinds is not None and state.plain_calls:
+            if cfg is not state.plain_cfg:
+                state.plain_calls.clear()
+            elif kinds in state.plain_calls or (kinds, _array_shapes(args, kwargs)) in state.plain_calls:
+                # A decode step: everything below runs plain (see _split). The original forward
+                # is right in any trace, so neither the shapeless probe nor a check is needed.
+                if state.origin is not None:
+                    state.origin.pull(self)
+                return forward(self, *args, **kwargs)
         # An outer mx.compile(shapeless=True) traces this call: a replay bakes the traced shapes
         # (reshapes) and fused primitives have no shape rule (docs/never-wrong.md), so such a call
         # runs the module's own forward. The probe costs an eval on MLX's CPU stream; a state
@@ -107,11 +111,18 @@ class FusedModule:
                 try:
                     leaves, structure, modules = flatten_call(args, kwargs)
                 except Unsafe as e:  # a cache object: attention and cache stay plain MLX
+                    work = FUSED_WORK[0]
                     out = _split(self, state, forward, str(e), args, kwargs)
                     if merging(state):  # it splits again for these kinds of arguments: skip the walk
                         state.split_calls[kinds] = str(e)
                     elif state.kids and all(_inert(k[3]) for k in state.kids.values()):
                         state.plain_calls.add(kinds)
+                        state.plain_cfg = cfg
+                    elif FUSED_WORK[0] == work and len(state.plain_calls) < PLAIN_SHAPES:
+                        # Nothing below traced or replayed a fusion: these inputs (a decode step's
+                        # shapes) run the original code. A prefill that fused keeps its shapes' split.
+                        state.plain_calls.add((kinds, _array_shapes(args, kwargs)))
+                        state.plain_cfg = cfg
                     return out
                 if modules:
                     return _split(self, state, forward, "a module is passed as an argument", args, kwargs)
@@ -213,6 +224,13 @@ def _arg_kinds(args, kwargs) -> tuple:
         return (t, type(v[0])) if (t is list or t is tuple) and v else t
 
     return tuple(kind(a) for a in args) + tuple((k, kind(v)) for k, v in kwargs.items())
+
+
+def _array_shapes(args, kwargs) -> tuple:
+    """Shapes and dtypes of a call's array arguments: with `_arg_kinds`, what tells a decode
+    step (one token) from a prefill of the same model."""
+    return tuple((a.shape, a.dtype) for a in args if type(a) is _array) + tuple(
+        (k, v.shape, v.dtype) for k, v in kwargs.items() if type(v) is _array)
 
 
 def _children(module: nn.Module) -> List[Tuple[str, nn.Module]]:

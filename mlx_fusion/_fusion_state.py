@@ -106,6 +106,10 @@ class _Entry:
 _EAGER = _Entry()
 _EAGER.direct = _EAGER.eager = True
 
+# Counts traces, fused replays and merged projections (any thread): a split call under which it
+# did not move ran exactly the original code, so its kind of call may skip the split next time.
+FUSED_WORK = [0]
+
 
 class _FusionState:
     """Cache, graphs and statistics of one fused object."""
@@ -131,7 +135,8 @@ class _FusionState:
         self.calls, self.fused, self.inert = 0, 0, False  # see _fused_module._inert
         self.direct_last = False  # the last call ran the original forward (FusedModule.__call__)
         self.direct_sig = None  # ...eagerly, for inputs of this signature: the next such call may skip the key
-        self.plain_calls = set()  # argument types of split calls whose children all run plain
+        self.plain_calls = set()  # argument types (and shapes) of split calls that run plain
+        self.plain_cfg = None  # the config plain_calls were found under
         self.split_calls: Dict[tuple, str] = {}  # argument types -> reason: split calls that merge (see merging)
         self._last = (None, None, None, None)  # (config, its key, params, their signature)
         self.weights = WeightCache()  # merged projections' concatenated weights, shared by the traces
@@ -186,6 +191,7 @@ class _FusionState:
                 seen = self.loose.get(loose)
                 if seen is not None and seen.direct:
                     return _EAGER
+            FUSED_WORK[0] += 1
             self._retrace(inputs)
             entry = self.cache[key] = self._build(make_graph, cfg, params, training)
             if len(self.cache) > CACHE_SIZE:
@@ -266,6 +272,7 @@ class _FusionState:
 
     def run(self, entry: _Entry, inputs: List[mx.array]):
         """Replay; the first run of an entry is guarded so a replay bug falls back."""
+        FUSED_WORK[0] += 1
         if entry.checked:
             out = entry.replay(inputs)
         else:

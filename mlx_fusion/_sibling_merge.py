@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from ._fusion_state import FUSED_WORK
 from ._merged_replay import PATTERN
 from ._tracing import tracing
 from .graph.merge import MergeSite
@@ -108,6 +109,7 @@ class SiblingGroup:
         cats = self.state.weights.get(self._site(subset), weights)
         if cats is None:
             return _own(self.cls, member, x)
+        FUSED_WORK[0] += 1
         y = _project(self.cls, member, x, dict(zip(self.names, cats)))
         outs = mx.split(y, self._bounds(subset), axis=-1)
         t = len(self.names)

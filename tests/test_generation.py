@@ -160,3 +160,22 @@ def test_decode_with_nothing_fused_below_runs_the_plain_forward(model):
     assert fused._fusion.plain_calls and splits < 12  # the shortcut took over after the first steps
     assert greedy(fused, "kv", 12) == want
     assert sum(fused._fusion.split.values()) == splits
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_decode_after_a_prefill_that_fused_runs_the_plain_forward(model, compile):
+    """The prompt's MLPs fuse (glu at 11 x 128 outputs), a decode step's (128 outputs) do not:
+    from the third token on the steps run the plain forward (no split per token), the same
+    tokens, and a new prompt still replays its fusions."""
+    from mlx_fusion import _fusion_state
+
+    want = greedy(model, "kv", 12)
+    fused = fuse(model, FusionConfig(min_tensor_size=1000), compile=compile)
+    assert greedy(fused, "kv", 12) == want
+    assert any(s.stats.applied_count for _, s in fused.fusion_states())  # the prompt fused
+    assert sum(fused._fusion.split.values()) < 12  # the shortcut took over after the first steps
+    assert greedy(fused, "kv", 12) == want  # (the first step after a prompt reads an int32 token)
+    splits, work = sum(fused._fusion.split.values()), _fusion_state.FUSED_WORK[0]
+    assert greedy(fused, "kv", 12) == want
+    assert sum(fused._fusion.split.values()) == splits + 1  # the prompt alone
+    assert _fusion_state.FUSED_WORK[0] > work  # ...which replayed its fusions

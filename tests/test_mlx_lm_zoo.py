@@ -10,6 +10,7 @@ Coverage and exclusions are summarised in docs/mlx-lm-zoo.md.
 """
 
 import importlib
+import os
 import pkgutil
 import warnings
 from functools import partial
@@ -26,7 +27,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 
 import mlx_fusion  # noqa: E402
 from mlx_fusion import FusionFallbackWarning  # noqa: E402
-from tests._fuse_helpers import GPU_TOLERANCE, on_gpu  # noqa: E402
+from tests._fuse_helpers import GPU_RELATIVE, on_gpu  # noqa: E402
 
 # Settings every tiny model shares; `ModelArgs.from_dict` keeps the fields its class has.
 BASE = dict(
@@ -190,7 +191,9 @@ MORE = {
         "block_multiple_of": 16, "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False,
         "full_attn_idxs": [1], "layer_types": ["conv", "full_attention"]})),
 }
-ARCHS = {**CORE, **MORE}
+ALL_ARCHS = {**CORE, **MORE}
+# MLX_FUSION_ZOO=core: CORE only (a GPU run within a device call's time limit)
+ARCHS = CORE if os.environ.get("MLX_FUSION_ZOO") == "core" else ALL_ARCHS
 
 # mlx_lm.models modules that are not architectures.
 HELPERS = {"activations", "base", "bitlinear_layers", "cache", "gated_delta", "mla", "pipeline", "rope_utils",
@@ -243,7 +246,7 @@ pytestmark = pytest.mark.filterwarnings("error::mlx_fusion.FusionFallbackWarning
 
 
 def build(name, seed=0):
-    module, overrides = ARCHS[name]
+    module, overrides = ALL_ARCHS[name]
     arch = importlib.import_module(f"mlx_lm.models.{module}")
     args = arch.ModelArgs.from_dict({**BASE, "model_type": name, **overrides})
     mx.random.seed(seed)
@@ -281,17 +284,22 @@ def fused_call(name, fused, *args, expected=None):
 
 
 def assert_trees_close(a, b, atol=1e-5, rtol=1e-4):
-    if on_gpu():
-        atol, rtol = max(atol, GPU_TOLERANCE["atol"]), max(rtol, GPU_TOLERANCE["rtol"])
     fa, fb = dict(tree_flatten(a)), dict(tree_flatten(b))
     assert fa.keys() == fb.keys()
     for k in fa:
-        np.testing.assert_allclose(np.array(fa[k]), np.array(fb[k]), atol=atol, rtol=rtol, err_msg=k)
+        x, y = np.array(fa[k]), np.array(fb[k])
+        if on_gpu():  # a kernel's float32 vs cuBLAS's (TF32) matmul: compare the error as a whole
+            assert x.shape == y.shape, k
+            assert np.linalg.norm(x - y) <= GPU_RELATIVE * np.linalg.norm(y) + atol, k
+            np.testing.assert_allclose(x, y, atol=GPU_RELATIVE * max(1.0, float(np.abs(y).max(initial=0))),
+                                       rtol=0, err_msg=k)
+        else:
+            np.testing.assert_allclose(x, y, atol=atol, rtol=rtol, err_msg=k)
 
 
 def test_every_module_is_classified():
     modules = {m.name for m in pkgutil.iter_modules(mlx_lm_models.__path__)}
-    covered = {module for module, _ in ARCHS.values()}
+    covered = {module for module, _ in ALL_ARCHS.values()}
     assert modules - covered - HELPERS - set(EXCLUDED) == set()
 
 
@@ -337,7 +345,9 @@ def test_quantized_logits(name, bits, mode):
     # MORE replays eagerly here: the same entries, without one C++ build per graph (CPU mx.compile).
     fused = mlx_fusion.fuse(model, compile=name in CORE)
     x = tokens(3)
-    assert_trees_close(fused_call(name, fused, x, expected=QUANTIZED_FALLBACK.get(mode)), model(x))
+    # (on a GPU, MLX's mxfp8 dequantize does not go through FromFP8: it traces, nothing falls back)
+    expected = None if on_gpu() else QUANTIZED_FALLBACK.get(mode)
+    assert_trees_close(fused_call(name, fused, x, expected=expected), model(x))
 
 
 def add_lora(model):

@@ -240,6 +240,22 @@ def test_shipped_priors_decide_when_nothing_is_measured(monkeypatch):
     assert prior_speedup(BinaryActivation(BinaryOp.ADD, Activation.RELU), "bfloat16", 2**24, "cuda") is None
 
 
+def test_a_size_between_shipped_sizes_takes_the_line_between_them(monkeypatch):
+    """The CUDA op table measured linear+silu at buckets 8 and 12 only, slower at both: a
+    prefill's 128 x 5632 outputs (bucket 10) once fell to the cost model, which fused it, and
+    decode then paid for it (sixth session). Now it reads the line between 8 and 12."""
+    from mlx_fusion.patterns import Activation, LinearLayer
+    from mlx_fusion.priors import _priors
+    from mlx_fusion.tracker import prior_speedup
+
+    monkeypatch.delenv("MLX_FUSION_NO_PRIORS", raising=False)
+    pattern = LinearLayer(has_bias=False, activation=Activation.SILU)
+    shipped = _priors("cuda")
+    lo, hi = (shipped[f"cuda|{pattern.name}|bfloat16|{b}"]["speedup"] for b in (8, 12))
+    assert prior_speedup(pattern, "bfloat16", 128 * 5632, "cuda") == pytest.approx((lo + hi) / 2)
+    assert prior_speedup(pattern, "bfloat16", 4 ** 16, "cuda") == shipped[f"cuda|{pattern.name}|bfloat16|13"]["speedup"]
+
+
 # -- robustness (issue 11): a bad entry, a killed writer, the umask ----------------------------------------
 GOOD_KEY = f"{CPU}|add+relu|float32|{size_bucket(16 * 4096)}"
 
