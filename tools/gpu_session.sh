@@ -44,7 +44,7 @@ for step in "$@"; do
     trainmem) for spec in ${TRAIN_SPECS:-"$LLAMA3,batch=4,seq=1025" "$LLAMA2,batch=4,seq=513"}; do
                 timeout ${TRAIN_TIMEOUT:-200} python3 tools/gpu_train_memory.py "$spec" ${TRAIN_VARIANTS:-mx.compile,fused+compile,fused-model+compile} \
                   2>&1 | tee -a "$OUT/trainmem.txt"; done ;;
-    zero) for i in 1 2; do  # issue 11 item 4: two processes, so the spread between them shows
+    zero) for i in $(seq ${ZERO_RUNS:-2}); do  # issue 11 item 4: two processes, so the spread between them shows
             timeout ${ZERO_TIMEOUT:-200} python3 tools/gpu_zero_overhead.py ${ZERO_SPEC:-} --json "$OUT/zero$i.json" \
               > "$OUT/zero$i.txt" 2>&1; grep -E "x fusions|failed" "$OUT/zero$i.txt"; done
           timeout 100 python3 tools/host_overhead_probe.py 2>&1 | tee "$OUT/host_overhead.txt" ;;
