@@ -134,7 +134,7 @@ class FusedModule:
             if ms.unsafe:  # an attribute that cannot be keyed
                 return _split(self, state, forward, ms.unsafe, args, kwargs)
             params, flags = ms.read()  # Dropout & co. read their own flag: all are in the key
-            key = (state.config_key(cfg), flags, ms.hkey, structure, state.params_signature(params),
+            key = (state.config_key(cfg), ms.hflags, ms.hkey, structure, state.params_signature(params),
                    signature(leaves))
             loose = None if type(structure) is int else (lambda: key[:3] + (_loose(args, kwargs),) + key[4:])
             if late and not state.direct_hit(key):  # a trace or a replay next: again, probing first

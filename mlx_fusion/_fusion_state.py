@@ -165,12 +165,13 @@ class _FusionState:
         self._last = (cfg, key) + last[2:]
         return key
 
-    def params_signature(self, params: List[mx.array]) -> tuple:
-        """`signature(params)`, reused while the very same arrays are passed (inference)."""
+    def params_signature(self, params: List[mx.array]) -> "Hashed":
+        """`signature(params)` with its hash computed once, reused while the very same arrays
+        are passed (inference): a key holds it, and every cache lookup hashes the key."""
         last = self._last
         if last[2] is not None and len(params) == len(last[2]) and all(map(is_, params, last[2])):
             return last[3]
-        sig = signature(params)
+        sig = Hashed(signature(params))
         self._last = last[:2] + (params, sig)
         return sig
 

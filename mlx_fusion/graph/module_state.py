@@ -151,6 +151,7 @@ class ModuleState:
         self.hkey = Hashed(self.key)
         # train()/eval() changes an attribute dict, so `valid` fails and the state is rebuilt.
         self.flags = tuple(m._training for m in self.modules)
+        self.hflags = Hashed(self.flags)  # in the trace key: hashed once, not on every lookup
         # `valid` in a few C-level loops: parents and keys of the edges, all sizes, all attribute values.
         self._parents = tuple(c for c, _, _ in self.edges)
         self._keys = tuple(k for _, k, _ in self.edges)
@@ -160,6 +161,8 @@ class ModuleState:
         self._dicts = tuple(d for d, _, _ in self.attrs)
         self._sized += self._dicts
         self._values = tuple(v for _, vals, _ in self.attrs for v in vals)
+        self._slot_parents = tuple(c for c, _ in self.slots)
+        self._slot_keys = tuple(k for _, k in self.slots)
 
     def _attributes(self, m: nn.Module, where: str, static: list) -> None:
         d = m.__dict__
@@ -188,7 +191,7 @@ class ModuleState:
 
     def read(self) -> Tuple[List[mx.array], tuple]:
         """(unique parameters in `paths` order, train flags of every module)."""
-        return [c[k] for c, k in self.slots], self.flags
+        return list(map(getitem, self._slot_parents, self._slot_keys)), self.flags
 
     def install(self, arrays) -> None:
         """Put `arrays` into the parameter slots (a trace's tracers, or the originals back)."""
