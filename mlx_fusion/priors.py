@@ -73,7 +73,7 @@ def prior_speedup(pattern, dtype, size: int, device: str) -> Optional[float]:
             if below and above:
                 (k0, v0), (k1, v1) = below[-1], above[0]
                 return v0 + (v1 - v0) * (b - k0) / (k1 - k0)
-            return (below or above)[-1 if below else 0][1]
+            return below[-1][1] if below else above[0][1]
     return None
 
 

@@ -1,0 +1,46 @@
+"""Host cost of the fused module's wrapper alone: an 8-layer mlx-lm llama fused, its forward (and,
+compiled, the compiled original) replaced by a stub, so what is timed is the guard of a call that
+fused nothing: config, origin pull, layout check, key, lookup. Warm (no evaluation between calls).
+docs/performance.md, "Nothing fused, on the H200 (sixth session)".
+
+    PYTHONPATH=$PWD python tools/wrapper_cost_probe.py
+"""
+import statistics
+import time
+
+import mlx.core as mx
+from mlx_lm.models import llama
+
+import mlx_fusion._fused_module as fm
+from mlx_fusion import fuse
+
+ARGS = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=8, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def main(calls: int = 5000):
+    model = llama.Model(ARGS)
+    mx.eval(model.parameters())
+    x = mx.zeros((4, 32), dtype=mx.int32)
+    for compiled in (False, True):
+        f = fuse(model, compile=compiled)
+        for _ in range(20):
+            mx.eval(f(x))
+        forward_of, direct = fm._forward_of, fm._direct
+        fm._forward_of = lambda cls: (lambda self, *a, **k: None)
+        fm._direct = lambda *a: None
+        try:
+            ts = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                f(x)
+                ts.append(time.perf_counter() - t0)
+        finally:
+            fm._forward_of, fm._direct = forward_of, direct
+        print(f"{'fuse(model)' if compiled else 'fuse(model, compile=False)':27s} wrapper: median "
+              f"{statistics.median(ts) * 1e6:6.1f} us, mean {statistics.mean(ts) * 1e6:6.1f} us per call")
+
+
+if __name__ == "__main__":
+    main()
