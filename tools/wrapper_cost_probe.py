@@ -9,14 +9,11 @@ import statistics
 import time
 
 import mlx.core as mx
+from host_overhead_probe import ARGS  # the same 8-layer llama (tools/ is the script's path)
 from mlx_lm.models import llama
 
 import mlx_fusion._fused_module as fm
 from mlx_fusion import fuse
-
-ARGS = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=8, intermediate_size=128,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256, rms_norm_eps=1e-5,
-                       rope_theta=10000.0, tie_word_embeddings=False)
 
 
 def main(calls: int = 5000):
