@@ -71,8 +71,9 @@ class FusedModule:
         cfg = state.config()
         if not cfg.enabled:
             return forward(self, *args, **kwargs)
+        arrays_only = not kwargs and all(type(a) is _array for a in args)
         if (state.direct_sig is not None and cfg is state._last[0] and state.calls % RECHECK_EVERY
-                and not kwargs and all(type(a) is _array for a in args) and signature(args) == state.direct_sig):
+                and arrays_only and signature(args) == state.direct_sig):
             # Eager, and the last call with these inputs ran the original forward: so does this
             # one, without the layout check and key (`direct_sig`). The original forward is right
             # whatever changed in the module; a change that would let a new trace fuse something
@@ -80,7 +81,6 @@ class FusedModule:
             if state.origin is not None:
                 state.origin.pull(self)
             return forward(self, *args, **kwargs)
-        arrays_only = not kwargs and all(type(a) is _array for a in args)
         kinds = None if arrays_only else _arg_kinds(args, kwargs)
         if kinds is not None and state.plain_calls:
             if cfg is not state.plain_cfg:
