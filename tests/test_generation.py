@@ -179,3 +179,19 @@ def test_decode_after_a_prefill_that_fused_runs_the_plain_forward(model, compile
     assert greedy(fused, "kv", 12) == want
     assert sum(fused._fusion.split.values()) == splits + 1  # the prompt alone
     assert _fusion_state.FUSED_WORK[0] > work  # ...which replayed its fusions
+
+
+def test_decode_that_ran_plain_splits_again_under_a_new_config(model):
+    """The remembered plain decode steps belong to the config they were found under: another config
+    (here one that fuses a decode step's MLP too) splits and fuses again, with the same tokens."""
+    from mlx_fusion.config import fusion_config
+
+    want = greedy(model, "kv", 12)
+    fused = fuse(model, compile=False)  # the global config, so that fusion_config changes it
+    with fusion_config(min_tensor_size=1000):
+        assert greedy(fused, "kv", 12) == want
+        assert fused._fusion.plain_calls
+        splits = sum(fused._fusion.split.values())
+    with fusion_config(min_tensor_size=0):
+        assert greedy(fused, "kv", 12) == want
+    assert sum(fused._fusion.split.values()) >= splits + 10  # every step split: its MLP fuses now
