@@ -135,6 +135,7 @@ class _FusionState:
         self.calls, self.fused, self.inert = 0, 0, False  # see _fused_module._inert
         self.direct_last = False  # the last call ran the original forward (FusedModule.__call__)
         self.direct_sig = None  # ...eagerly, for inputs of this signature: the next such call may skip the key
+        self.fast = None  # ...compiled: (config, input signature, parameter signature, entry); see _overlapped
         self.plain_calls = set()  # argument types (and shapes) of split calls that run plain
         self.plain_cfg = None  # the config plain_calls were found under
         self.split_calls: Dict[tuple, str] = {}  # argument types -> reason: split calls that merge (see merging)
@@ -150,7 +151,7 @@ class _FusionState:
         hit = self.cache.get(key)
         if hit is not None and hit.direct and hit.fallback is None:
             return True
-        self.direct_last, self.direct_sig = False, None
+        self.direct_last, self.direct_sig, self.fast = False, None, None
         return False
 
     def config(self):

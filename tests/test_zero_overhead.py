@@ -123,3 +123,60 @@ def test_eager_skip_sees_a_new_config_at_once():
     with fusion_config(min_tensor_size=0):
         fused(X)  # another config object: the full path, which traces again
         assert fused._fusion.traces == 2
+
+
+class _Cfg:
+    mult = 2.0
+
+
+class _Deep(nn.Module):
+    """A forward that reads attributes at every level: the top, a child, a list, a config object."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = _Cfg()
+        self.blocks = [_Scaled(), _Scaled()]
+        self.flip = False
+
+    def __call__(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return (-x if self.flip else x) * self.cfg.mult
+
+
+def _changes(model):
+    """Each change a compiled 0-fusion call must see (the compiled original bakes attributes)."""
+    yield lambda: setattr(model, "flip", True)  # the original's top level (`pull`)
+    yield lambda: setattr(model.blocks[0], "scale", -1.5)  # a child's attribute
+    yield lambda: setattr(model.blocks[1], "inner", nn.Linear(8, 8))  # a child swapped for one of its class
+    yield lambda: setattr(model.cfg, "mult", 0.5)  # a config object changed in place
+    yield lambda: model.blocks.append(_Scaled())  # a list grown in place
+    yield lambda: model.blocks[0].inner.update({"weight": mx.ones((8, 8))})  # a parameter
+
+
+def test_compiled_call_checking_its_layout_during_the_evaluation_sees_every_change():
+    """`fuse(m)` that fused nothing runs the compiled original before its layout check and starts the
+    evaluation (`_overlapped`); a change still gives the new result, never the stale one."""
+    model = _Deep()
+    fused = fuse(model, NOTHING)
+    for change in _changes(model):
+        for _ in range(3):  # the first call after a change takes the full path, the next ones overlap
+            assert mx.allclose(fused(X), _Deep.__call__(model, X), atol=1e-5).item()
+        assert fused._fusion.fast is not None
+        change()
+    assert mx.allclose(fused(X), _Deep.__call__(model, X), atol=1e-5).item()
+
+
+def test_compiled_call_under_a_transformation_checks_first():
+    """Under value_and_grad MLX refuses the early evaluation: the check runs, the gradient is right."""
+    model = _Deep()
+    fused = fuse(model, NOTHING)
+    loss = lambda m, x: m(x).sum()  # noqa: E731
+    for step in range(3):
+        if step == 2:
+            model.blocks[0].scale = 5.0
+        got = nn.value_and_grad(fused, loss)(fused, X)
+        want = nn.value_and_grad(model, loss)(model, X)
+        assert mx.allclose(got[0], want[0], rtol=1e-5).item()
+        g, w = got[1]["blocks"][0]["inner"]["weight"], want[1]["blocks"][0]["inner"]["weight"]
+        assert mx.allclose(g, w, rtol=1e-5, atol=1e-5).item()
