@@ -30,7 +30,8 @@ import mlx.nn as nn
 from ._fusion_state import FUSED_WORK, _FusionState, compile_like_mlx, signature
 from ._shapeless import KNOWN_OUTSIDE, NOT_KNOWN, in_shapeless_trace, known_outside_now
 from ._sibling_merge import enter, leave, member_class, merging, sibling_groups
-from ._tracing import tracing
+from ._tracing import _local as _trace_local
+from .config import get_config
 from .graph.module_state import ModuleState
 from .graph.trace import call_key, flatten_call, flatten_tree, trace_module_with
 from .graph.module_state import Unsafe
@@ -50,11 +51,6 @@ def _child_states() -> dict:
     return d
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_of(cls: type):
-    return super(FusedModule, cls).__call__
-
-
 class FusedModule:
     """Mixin put in front of a module's class by `fuse`: only ``__call__`` changes."""
 
@@ -63,12 +59,15 @@ class FusedModule:
     fusion_fallbacks = property(lambda self: self._fusion.fallbacks)
 
     def __call__(self, *args, **kwargs):
-        forward = _forward_of(type(self))
+        # Every call (one per decoded token) runs these first lines right after the device's
+        # work, with the host's caches cold: each Python call costs microseconds there, so the
+        # common path reads attributes and C functions only (docs/performance.md).
+        forward = self._fusion_forward
         state = self.__dict__.get("_fusion") or _child_states().get(id(self))
-        if state is None or tracing():  # inside a trace (or a child seen from another thread): plain MLX
-            return forward(self, *args, **kwargs)
+        if state is None or _trace_local.__dict__.get("depth", 0):  # tracing(), inlined
+            return forward(self, *args, **kwargs)  # inside a trace (or a child seen from another thread)
         state.calls += 1
-        cfg = state.config()
+        cfg = state._config or get_config()
         if not cfg.enabled:
             return forward(self, *args, **kwargs)
         arrays_only = not kwargs and all(type(a) is _array for a in args)
@@ -225,30 +224,26 @@ def _overlapped(module, state, fast, args):
     """A compiled call like the last one (config, input signature, parameter signature) that ran the
     compiled original: run it again *before* the layout check, start its evaluation, and check the
     layout while the device computes. Returns None when the check fails (or the parameters
-    changed shape): the caller then takes the full path, and what was started is dropped unread,
-    so a stale layout still never reaches the user.
+    changed shape, or the original's top level changed): the caller then takes the full path,
+    and what was started is dropped unread, so a stale layout still never reaches the user.
 
     The check touches ~700 objects (`ModuleState.valid`) that an evaluation has evicted from the
     host's caches; overlapped, it costs no device time. Inside a graph transformation (grad,
-    vmap, an outer compile) MLX refuses the early evaluation, and the check simply runs first.
-    Entries that draw random numbers are left out (a dropped run would still advance the key).
+    vmap, an outer compile) MLX refuses the early evaluation: the check then runs before the
+    call returns, as on the full path. Entries that draw random numbers are left out (a dropped
+    run would still advance the key).
     """
-    if state.origin is not None:
-        state.origin.pull(module)
     ms = state.module_state
     params = ms.read()[0]
     if state.params_signature(params) != fast[2]:
         return None
-    entry = fast[3]
-    out = entry.replay(params, *args)
+    out = fast[3].replay(params, *args)
     try:
         mx.async_eval(out)
     except Exception:  # a graph transformation: it is evaluated later, as unfused
-        if not ms.valid():
-            state.fast = None
-            return None
-        return out
-    if ms.valid():
+        pass
+    # Changes on the original's top level (taken over now) or anywhere in the tree: start again.
+    if (state.origin is None or not state.origin.pull(module)) and ms.valid():
         return out
     state.fast = None
     return None
@@ -261,13 +256,16 @@ def _arg_kinds(args, kwargs) -> tuple:
     own forward; later calls with the same kinds of arguments skip the checks
     that would arrive there again (one per decoded token). Kinds can only
     confuse calls that differ deeper down, and then a fusion is missed, never a
-    result changed.
+    result changed. (Plain loops: this runs once per decoded token.)
     """
-    def kind(v):
+    out = []
+    for v in args:
         t = type(v)
-        return (t, type(v[0])) if (t is list or t is tuple) and v else t
-
-    return tuple(kind(a) for a in args) + tuple((k, kind(v)) for k, v in kwargs.items())
+        out.append((t, type(v[0])) if (t is list or t is tuple) and v else t)
+    for k, v in kwargs.items():
+        t = type(v)
+        out.append((k, (t, type(v[0])) if (t is list or t is tuple) and v else t))
+    return tuple(out)
 
 
 def _array_shapes(args, kwargs) -> tuple:
@@ -371,22 +369,36 @@ class _Origin:
         m = self.module
         self.items, self.attrs = dict(dict.items(m)), dict(m.__dict__)
         self.values, self.attr_values = tuple(dict.values(m)), tuple(m.__dict__.values())
+        # live views of both dicts, kept: every call compares them with the snapshot
+        self.attr_dict, self.views = m.__dict__, (dict.values(m), m.__dict__.values())
+        self.sizes = (len(self.values), len(self.attr_values))
 
-    def pull(self, fused: nn.Module) -> None:
-        m = self.module
-        if (len(m) == len(self.values) and all(map(is_, dict.values(m), self.values))
-                and len(m.__dict__) == len(self.attr_values) and all(map(is_, m.__dict__.values(), self.attr_values))):
-            return
+    def pull(self, fused: nn.Module) -> bool:
+        """Take over what changed on the original's top level; whether anything had."""
+        m, (items, attrs) = self.module, self.views
+        if (m.__dict__ is self.attr_dict and (len(items), len(attrs)) == self.sizes
+                and all(map(is_, items, self.values)) and all(map(is_, attrs, self.attr_values))):
+            return False
+        changed = False
         for k in self.items:
             if k not in m:
-                dict.pop(fused, k, None)
+                changed = dict.pop(fused, k, self) is not self or changed
         for k, v in dict.items(m):
             if _changed(self.items.get(k, self), v):
                 dict.__setitem__(fused, k, v)
+                changed = True
+        for k in self.attrs:
+            if k not in m.__dict__ and k not in _OWN_ATTRS:  # `del model.flag` on the original
+                changed = fused.__dict__.pop(k, self) is not self or changed
         for k, v in m.__dict__.items():
-            if k not in ("_fusion", "_no_grad") and _changed(self.attrs.get(k, self), v):
+            if k not in _OWN_ATTRS and _changed(self.attrs.get(k, self), v):
                 fused.__dict__[k] = v
+                changed = True
         self._snap()
+        return changed
+
+
+_OWN_ATTRS = ("_fusion", "_no_grad")  # the fused object's own: never taken over
 
 
 def _changed(old, new) -> bool:
@@ -411,7 +423,9 @@ def _rebuild(base: type, name: str, config, compile: bool, filter=None) -> nn.Mo
 
 @functools.lru_cache(maxsize=None)
 def fused_class(cls: type) -> type:
-    return type(f"Fused{cls.__name__}", (FusedModule, cls), {"__module__": cls.__module__})
+    # `_fusion_forward`: the original class's __call__ (what `super()` would find), read as an attribute
+    return type(f"Fused{cls.__name__}", (FusedModule, cls),
+                {"__module__": cls.__module__, "_fusion_forward": staticmethod(cls.__call__)})
 
 
 def fuse_module(module: nn.Module, config, compile: bool, filter=None) -> nn.Module:

@@ -126,9 +126,9 @@ _PATTERN_NAMES = None
 _SETTINGS: Settings[FusionConfig] = Settings(FusionConfig)
 
 
-def get_config() -> FusionConfig:
-    """The config in effect for this thread: its innermost `fusion_config`, else the global one."""
-    return _SETTINGS.get()
+# The config in effect for this thread: its innermost `fusion_config`, else the global one.
+# (Settings.get itself: every fused call reads it, and a wrapper function would double the cost.)
+get_config = _SETTINGS.get
 
 
 def configure(**changes) -> FusionConfig:

@@ -57,9 +57,9 @@ class Settings(Generic[T]):
         return self._default
 
     def get(self) -> T:
-        """The value in effect for this thread."""
-        stack = getattr(self._local, "stack", None)
-        return stack[-1] if stack else self.default
+        """The value in effect for this thread (every fused call reads it: no property, no getattr)."""
+        stack = self._local.__dict__.get("stack")
+        return stack[-1] if stack else self._default
 
     def set(self, **changes) -> T:
         """Change the process-wide default (threads without an override see it). Returns it."""

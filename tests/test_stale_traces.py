@@ -366,3 +366,19 @@ def test_grad_of_a_top_level_parameter_after_the_original_was_differentiated():
     assert mx.allclose(got["head"], want["head"]).item() and mx.abs(want["head"]).max().item() > 0
     model.head = mx.zeros((3, 4))  # a real change on the original is still taken over
     assert mx.array_equal(fused(x), model(x)).item()
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_attribute_deleted_on_the_original_is_seen(compile):
+    class Flagged(Scaled):
+        def __call__(self, x):
+            h = nn.relu(self.lin(x)) * getattr(self, "extra", 1.0)
+            return h
+
+    ref = Flagged()
+    ref.extra = 3.0
+    f = fuse(ref, ALL, compile=compile)
+    for _ in range(2):
+        close(f(X), Flagged.__call__(ref, X))
+    del ref.extra
+    close(f(X), Flagged.__call__(ref, X))

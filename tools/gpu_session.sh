@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine session (NVIDIA H100/H200 through MLX's CUDA backend).
-#   bash tools/gpu_session.sh STEP...   steps: unroll, tests, bench, models, linear, ncu, lce, percall, merge, trainmem, zero
-# (env: TESTS, TESTS_K for pytest; BENCH_ARGS, BENCH_NAME for benchmarks/ops.py; MODELS for bench --model)
+#   bash tools/gpu_session.sh STEP...   steps: unroll, tests, bench, models, linear, ncu, lce, percall, merge, trainmem, zero,
+#   breakdown, decodestep
+# (env: TESTS, TESTS_K for pytest; ZERO_RUNS, ZERO_SPEC, ZERO_JSON (a folder) for zero; BENCH_ARGS, BENCH_NAME for benchmarks/ops.py; MODELS for bench --model)
 # Expects .device/mlx-cuda (python3 ../shared/tools/mlx_cuda_bundle.py) and $OUT; mlx-lm (a copy of its
 # package folder) in .device/py for the mlx-lm tests and `bench --model mlx-lm:...` SPECs.
 # NOPRIORS=0 skips the models step's second run without the shipped priors.
@@ -45,9 +46,11 @@ for step in "$@"; do
                 timeout ${TRAIN_TIMEOUT:-200} python3 tools/gpu_train_memory.py "$spec" ${TRAIN_VARIANTS:-mx.compile,fused+compile,fused-model+compile} \
                   2>&1 | tee -a "$OUT/trainmem.txt"; done ;;
     zero) for i in $(seq ${ZERO_RUNS:-2}); do  # issue 11 item 4: two processes, so the spread between them shows
-            timeout ${ZERO_TIMEOUT:-200} python3 tools/gpu_zero_overhead.py ${ZERO_SPEC:-} --json "$OUT/zero$i.json" \
+            timeout ${ZERO_TIMEOUT:-200} python3 tools/gpu_zero_overhead.py ${ZERO_SPEC:-} --json "${ZERO_JSON:-$OUT}/zero$i.json" \
               > "$OUT/zero$i.txt" 2>&1; grep -E "x fusions|failed" "$OUT/zero$i.txt"; done
           timeout 100 python3 tools/host_overhead_probe.py 2>&1 | tee "$OUT/host_overhead.txt" ;;
+    breakdown) timeout ${BREAKDOWN_TIMEOUT:-120} python3 tools/wrapper_breakdown_probe.py 2>&1 | tee "$OUT/breakdown.txt" ;;
+    decodestep) timeout ${DECODE_TIMEOUT:-120} python3 tools/decode_step_probe.py 2>&1 | tee "$OUT/decodestep.txt" ;;
     *) echo "unknown step $step" ;;
   esac
 done
