@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from time import perf_counter
 from operator import is_
 from typing import List, Tuple
 
@@ -42,6 +43,9 @@ _local = threading.local()  # id(child) -> its _FusionState while a split call r
 _SPLIT_REASONS = ("could not trace", "writes Python state")
 RECHECK_EVERY = 16  # an eager module that fused nothing checks its layout at least this often
 PLAIN_SHAPES = 64  # at most this many (kinds, shapes) of split calls remembered as plain
+# A compiled call this soon after the last one returned was made back to back (no evaluation
+# between): `_overlapped` then leaves its evaluation to the user's, as MLX would.
+BACK_TO_BACK_S = 100e-6
 
 
 def _child_states() -> dict:
@@ -157,7 +161,9 @@ class FusedModule:
                     # the layout while the GPU runs it (`_overlapped`)
                     state.fast = ((cfg, key[5], key[4], entry) if state.compile and not entry.eager
                                   and not entry.rng_out and arrays_only else None)
-                    return _direct(self, state, forward, entry, params, args, kwargs)
+                    out = _direct(self, state, forward, entry, params, args, kwargs)
+                    state.returned = perf_counter()
+                    return out
                 out = state.run(entry, params + list(leaves))
                 if entry.fallback is None:
                     return out
@@ -231,19 +237,24 @@ def _overlapped(module, state, fast, args):
     host's caches; overlapped, it costs no device time. Inside a graph transformation (grad,
     vmap, an outer compile) MLX refuses the early evaluation: the check then runs before the
     call returns, as on the full path. Entries that draw random numbers are left out (a dropped
-    run would still advance the key).
+    run would still advance the key). Calls made back to back (several per evaluation) are not
+    evaluated early: the device has the earlier calls' work queued then, and separate early
+    evaluations measured slower than one (docs/performance.md).
     """
     ms = state.module_state
     params = ms.read()[0]
     if state.params_signature(params) != fast[2]:
         return None
+    idle = perf_counter() - state.returned > BACK_TO_BACK_S
     out = fast[3].replay(params, *args)
-    try:
-        mx.async_eval(out)
-    except Exception:  # a graph transformation: it is evaluated later, as unfused
-        pass
+    if idle:
+        try:
+            mx.async_eval(out)
+        except Exception:  # a graph transformation: it is evaluated later, as unfused
+            pass
     # Changes on the original's top level (taken over now) or anywhere in the tree: start again.
     if (state.origin is None or not state.origin.pull(module)) and ms.valid():
+        state.returned = perf_counter()
         return out
     state.fast = None
     return None

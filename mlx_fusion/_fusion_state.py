@@ -136,6 +136,7 @@ class _FusionState:
         self.direct_last = False  # the last call ran the original forward (FusedModule.__call__)
         self.direct_sig = None  # ...eagerly, for inputs of this signature: the next such call may skip the key
         self.fast = None  # ...compiled: (config, input signature, parameter signature, entry); see _overlapped
+        self.returned = 0.0  # perf_counter() when such a compiled call last returned (_overlapped)
         self.plain_calls = set()  # argument types (and shapes) of split calls that run plain
         self.plain_cfg = None  # the config plain_calls were found under
         self.split_calls: Dict[tuple, str] = {}  # argument types -> reason: split calls that merge (see merging)

@@ -92,6 +92,19 @@ def test_shapeless_compile_of_a_fused_op(name, fused, reference):
             close(g, r)
 
 
+@pytest.mark.parametrize("name, fused, reference", CASES, ids=[c[0] for c in CASES])
+def test_fused_op_inside_a_fuse_trace_runs_mlx_code(name, fused, reference):
+    """With a GPU backend a fused op builds kernels (here: a factory that refuses), but not while
+    `fuse()` traces the code that calls it: a custom_function cannot be exported ("Unable to get
+    state for primitive CustomTransforms", seen on the H200 for glu and add_norm)."""
+    from mlx_fusion.graph.trace import trace
+
+    a, b = inputs(SHAPES[0])
+    with kernels.use_backend("metal", _no_kernels):
+        graph = trace(lambda a, b: fused(a, b), a, b)
+    assert "CustomTransforms" not in graph.op_counts() and "Custom" not in str(graph.op_counts())
+
+
 def test_linear_bias_avoids_mlx_shapeless_addmm():
     """fused_linear without an activation is mx.addmm, except in a shapeless trace: there MLX
     0.32.4's AddMM with a broadcast bias reads a wrong result at a new batch size (docs/never-wrong.md)."""

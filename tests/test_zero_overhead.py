@@ -186,3 +186,17 @@ def test_compiled_call_under_a_transformation_checks_first():
         assert mx.allclose(got[0], want[0], rtol=TOL).item()
         g, w = got[1]["blocks"][0]["inner"]["weight"], want[1]["blocks"][0]["inner"]["weight"]
         assert mx.allclose(g, w, rtol=TOL, atol=TOL).item()
+
+
+def test_compiled_calls_back_to_back_see_a_change_between_them():
+    """Several calls before one evaluation (not evaluated early: `BACK_TO_BACK_S`), a change between two."""
+    model = _Deep()
+    fused = fuse(model, NOTHING)
+    mx.eval(fused(X), fused(X))
+    first = fused(X)
+    model.blocks[0].scale = -3.0
+    second = fused(X)
+    want_second = _Deep.__call__(model, X)
+    model.blocks[0].scale = 2.0
+    assert mx.allclose(first, _Deep.__call__(model, X), atol=TOL, rtol=TOL).item()
+    assert mx.allclose(second, want_second, atol=TOL, rtol=TOL).item()

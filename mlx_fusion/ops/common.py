@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import kernels
 from .._shapeless import in_shapeless_trace
+from .._tracing import tracing
 from ..kernels import make_launch
 from ..patterns import Activation, BinaryOp
 
@@ -184,9 +185,10 @@ def cpu_compile(fn, act: Activation):
 
 def runs_mlx_code() -> bool:
     """Does a fused op run its MLX expression here instead of its kernels? On the CPU
-    (no kernel API), and inside a shapeless mx.compile, which accepts no custom_function
-    or custom kernel (mlx_fusion/_shapeless.py); asked only when a GPU backend is active."""
-    return kernels.kernel_backend() is None or in_shapeless_trace()
+    (no kernel API); inside a `fuse()` trace, which cannot export a custom_function and
+    re-matches the plain ops itself; and inside a shapeless mx.compile, which accepts no
+    custom_function or custom kernel (mlx_fusion/_shapeless.py)."""
+    return kernels.kernel_backend() is None or tracing() or in_shapeless_trace()
 
 
 def cpu_reference(fn, act: Activation):
