@@ -239,13 +239,14 @@ def _overlapped(module, state, fast, args):
     call returns, as on the full path. Entries that draw random numbers are left out (a dropped
     run would still advance the key). Calls made back to back (several per evaluation) are not
     evaluated early: the device has the earlier calls' work queued then, and separate early
-    evaluations measured slower than one (docs/performance.md).
+    evaluations measured slower than one (docs/performance.md). Nor are calls on the CPU, whose
+    evaluation runs on the host's cores: there is nothing to overlap with.
     """
     ms = state.module_state
     params = ms.read()[0]
     if state.params_signature(params) != fast[2]:
         return None
-    idle = perf_counter() - state.returned > BACK_TO_BACK_S
+    idle = perf_counter() - state.returned > BACK_TO_BACK_S and _runs_apart()
     out = fast[3].replay(params, *args)
     if idle:
         try:
@@ -258,6 +259,11 @@ def _overlapped(module, state, fast, args):
         return out
     state.fast = None
     return None
+
+
+def _runs_apart() -> bool:
+    """Whether MLX evaluates on a device apart from the host (a GPU), where an early start overlaps."""
+    return mx.default_device() == mx.gpu
 
 
 def _arg_kinds(args, kwargs) -> tuple:

@@ -160,9 +160,13 @@ def _changes(model):
     yield lambda: model.blocks[0].inner.update({"weight": mx.ones((8, 8))})  # a parameter
 
 
-def test_compiled_call_checking_its_layout_during_the_evaluation_sees_every_change():
-    """`fuse(m)` that fused nothing runs the compiled original before its layout check and starts the
-    evaluation (`_overlapped`); a change still gives the new result, never the stale one."""
+@pytest.mark.parametrize("early", [True, False], ids=["evaluated early (a GPU)", "not (the CPU)"])
+def test_compiled_call_checking_its_layout_during_the_evaluation_sees_every_change(early, monkeypatch):
+    """`fuse(m)` that fused nothing runs the compiled original before its layout check and, on a
+    GPU, starts the evaluation (`_overlapped`); a change still gives the new result, never the stale one."""
+    from mlx_fusion import _fused_module
+
+    monkeypatch.setattr(_fused_module, "_runs_apart", lambda: early)
     model = _Deep()
     fused = fuse(model, NOTHING)
     for change in _changes(model):
