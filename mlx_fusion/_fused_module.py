@@ -6,7 +6,7 @@ children and arrays, so ``isinstance``, attributes, ``parameters()``,
 as before. Each call first takes over what was changed on the *original*'s
 top level since the last call (``model.weight = w2`` on the module passed to
 `fuse`), so both objects run the same parameters (an array replaced by an equal
-copy is no change: see `_Origin`).
+copy is no change: see `_origin.Origin`).
 
 A call that cannot be traced safely as a whole (an argument is a stateful
 object such as a KV cache, the code writes its own state, a trace fails)
@@ -22,13 +22,13 @@ from __future__ import annotations
 import functools
 import threading
 from time import perf_counter
-from operator import is_
 from typing import List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ._fusion_state import FUSED_WORK, _FusionState, compile_like_mlx, signature
+from ._origin import Origin
 from ._shapeless import KNOWN_OUTSIDE, NOT_KNOWN, in_shapeless_trace, known_outside_now
 from ._sibling_merge import enter, leave, member_class, merging, sibling_groups
 from ._tracing import _local as _trace_local
@@ -369,66 +369,6 @@ def _split(module, state: _FusionState, forward, reason: str, args, kwargs):
                 registry[id(child)] = previous
 
 
-class _Origin:
-    """The module passed to `fuse`: what changed on its top level since the last call.
-
-    An array replaced by another array with the same shape, dtype and values is no
-    change: ``nn.value_and_grad(model, ...)`` leaves such copies on the original, and
-    taking them over inside ``nn.value_and_grad(fused, ...)`` would replace the fused
-    object's tracers (the gradient of that parameter would read 0).
-    """
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self._snap()
-
-    def _snap(self):
-        m = self.module
-        self.items, self.attrs = dict(dict.items(m)), dict(m.__dict__)
-        self.values, self.attr_values = tuple(dict.values(m)), tuple(m.__dict__.values())
-        # live views of both dicts, kept: every call compares them with the snapshot
-        self.attr_dict, self.views = m.__dict__, (dict.values(m), m.__dict__.values())
-        self.sizes = (len(self.values), len(self.attr_values))
-
-    def pull(self, fused: nn.Module) -> bool:
-        """Take over what changed on the original's top level; whether anything had."""
-        m, (items, attrs) = self.module, self.views
-        if (m.__dict__ is self.attr_dict and (len(items), len(attrs)) == self.sizes
-                and all(map(is_, items, self.values)) and all(map(is_, attrs, self.attr_values))):
-            return False
-        changed = False
-        for k in self.items:
-            if k not in m:
-                changed = dict.pop(fused, k, self) is not self or changed
-        for k, v in dict.items(m):
-            if _changed(self.items.get(k, self), v):
-                dict.__setitem__(fused, k, v)
-                changed = True
-        for k in self.attrs:
-            if k not in m.__dict__ and k not in _OWN_ATTRS:  # `del model.flag` on the original
-                changed = fused.__dict__.pop(k, self) is not self or changed
-        for k, v in m.__dict__.items():
-            if k not in _OWN_ATTRS and _changed(self.attrs.get(k, self), v):
-                fused.__dict__[k] = v
-                changed = True
-        self._snap()
-        return changed
-
-
-_OWN_ATTRS = ("_fusion", "_no_grad")  # the fused object's own: never taken over
-
-
-def _changed(old, new) -> bool:
-    if old is new:
-        return False
-    if type(old) is _array and type(new) is _array and old.shape == new.shape and old.dtype == new.dtype:
-        try:
-            return not mx.array_equal(old, new).item()
-        except Exception:  # arrays of a transformation in progress: take the new one
-            return True
-    return True
-
-
 def _rebuild(base: type, name: str, config, compile: bool, filter=None) -> nn.Module:
     obj = fused_class(base).__new__(fused_class(base))
     state = _FusionState(name, config, compile, split_reasons=_SPLIT_REASONS)
@@ -452,7 +392,7 @@ def fuse_module(module: nn.Module, config, compile: bool, filter=None) -> nn.Mod
     fused.__dict__["_no_grad"] = set(module.__dict__.get("_no_grad", ()))
     dict.update(fused, module)
     state = _FusionState(type(module).__name__, config, compile, split_reasons=_SPLIT_REASONS)
-    state.origin = _Origin(module)
+    state.origin = Origin(module)
     if filter is not None:
         state.filter = filter
     object.__setattr__(fused, "_fusion", state)

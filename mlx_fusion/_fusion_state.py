@@ -129,7 +129,7 @@ class _FusionState:
         self.split: Dict[str, int] = {}  # modules: reason -> calls run with fused children instead
         self.extra: Dict[str, Any] = {}  # functions: ModuleStates of module arguments
         self.writes: Optional[str] = None  # the code writes Python state: never trace again
-        # Modules only: the original (`_Origin`), the current ModuleState, the
+        # Modules only: the original (`_origin.Origin`), the current ModuleState, the
         # children of split calls (id -> (child, class, fused class, state)).
         self.origin, self.module_state, self.kids = None, None, {}
         self.calls, self.fused, self.inert = 0, 0, False  # see _fused_module._inert

@@ -19,6 +19,7 @@ from gpu_zero_overhead import LLAMA2
 
 import mlx_fusion._fused_module as fm
 import mlx_fusion._fusion_state as fs
+import mlx_fusion._origin as origin
 from mlx_fusion import fuse
 from mlx_fusion.graph import module_state as msmod
 from mlx_fusion.lm import build
@@ -55,7 +56,7 @@ def main() -> None:  # noqa: C901
     fs._FusionState.params_signature = timed("params signature", fs._FusionState.params_signature)
     fs._FusionState.entry = timed("entry lookup", fs._FusionState.entry)
     fs._FusionState.direct_hit = timed("direct_hit", fs._FusionState.direct_hit)
-    fm._Origin.pull = timed("origin pull", fm._Origin.pull)
+    origin.Origin.pull = timed("origin pull", origin.Origin.pull)
     fm._direct = timed("compiled original call (_direct)", fm._direct)
     fm._overlapped = timed("overlapped call (_overlapped)", fm._overlapped)
     overlapped = fm._overlapped
