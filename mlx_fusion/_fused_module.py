@@ -64,12 +64,23 @@ class FusedModule:
 
     def __call__(self, *args, **kwargs):
         # Every call (one per decoded token) runs these first lines right after the device's
-        # work, with the host's caches cold: each Python call costs microseconds there, so the
-        # common path reads attributes and C functions only (docs/performance.md).
+        # work, with the host's caches cold: each operation costs several times its warm cost
+        # there, so the common paths read attributes and call C functions only
+        # (docs/performance.md, "Decode steps: the wrapper").
         forward = self._fusion_forward
         state = self.__dict__.get("_fusion") or _child_states().get(id(self))
-        if state is None or _trace_local.__dict__.get("depth", 0):  # tracing(), inlined
-            return forward(self, *args, **kwargs)  # inside a trace (or a child seen from another thread)
+        if state is None:
+            return forward(self, *args, **kwargs)  # a child seen from another thread
+        memo = state.plain_memo
+        if (memo is not None and args and type(args[0]) is _array and args[0].shape == memo[0]
+                and len(args) == memo[1] and kwargs.keys() == memo[2]):
+            # The next decode step: the last call ran plain (below), with a first array (the
+            # tokens) of this shape and these argument names (see `_plain_memo`).
+            if state.origin is not None:
+                state.origin.pull(self)
+            return forward(self, *args, **kwargs)
+        if _trace_local.__dict__.get("depth", 0):  # tracing(), inlined
+            return forward(self, *args, **kwargs)  # inside a trace
         state.calls += 1
         cfg = state._config or get_config()
         if not cfg.enabled:
@@ -94,9 +105,11 @@ class FusedModule:
         if kinds is not None and state.plain_calls:
             if cfg is not state.plain_cfg:
                 state.plain_calls.clear()
+                state.plain_memo = None
             elif kinds in state.plain_calls or (kinds, _array_shapes(args, kwargs)) in state.plain_calls:
                 # A decode step: everything below runs plain (see _split). The original forward
                 # is right in any trace, so neither the shapeless probe nor a check is needed.
+                state.plain_memo = _plain_memo(args, kwargs)
                 if state.origin is not None:
                     state.origin.pull(self)
                 return forward(self, *args, **kwargs)
@@ -192,6 +205,7 @@ class FusedModule:
             s.sibling, s.sibling_index = {}, None
             s.writes, s.inert, s.calls, s.fused, s.direct_last, s.direct_sig = None, False, 0, 0, False, None
             s.plain_calls.clear()
+            s.plain_memo = None
             s.split_calls.clear()
             s.fast = None
 
@@ -283,6 +297,22 @@ def _arg_kinds(args, kwargs) -> tuple:
         t = type(v)
         out.append((k, (t, type(v[0])) if (t is list or t is tuple) and v else t))
     return tuple(out)
+
+
+def _plain_memo(args, kwargs):
+    """What the next call repeats to run plain at once, a decode step (`FusedModule.__call__`):
+    the shape of its first array (the tokens: new values, the same shape every step), the
+    number of its positional arguments and the names of the others (the cache).
+
+    Each check costs microseconds right after the device's work, so no more is compared: a
+    call that repeats these but differs elsewhere (a one-token prompt with a new cache, the
+    same shape without a cache) runs the plain forward too. That misses a fusion at most: the
+    plain forward is right whatever the arguments, and the original's top level is still
+    taken over. A config change forgets the memo (`_fusion_state._forget_plain_memos`).
+    """
+    if not args or type(args[0]) is not _array:
+        return None
+    return args[0].shape, len(args), frozenset(kwargs)
 
 
 def _array_shapes(args, kwargs) -> tuple:

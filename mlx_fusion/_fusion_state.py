@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
 
-from .config import get_config
+from .config import _SETTINGS, get_config
 from .control import ModuleFilter
 from .log import logger
 from ._merged_replay import MergedReplay, WeightCache, merge_sites, record_merges
@@ -61,6 +61,15 @@ def _shape_change(before, after) -> str:
 
 
 REGISTRY: "weakref.WeakSet[_FusionState]" = weakref.WeakSet()
+
+
+def _forget_plain_memos() -> None:
+    """A config change: a decode step recognised as plain under the old one may fuse now."""
+    for s in list(REGISTRY):
+        s.plain_memo = None
+
+
+_SETTINGS.watch(_forget_plain_memos)
 
 
 def optimizer_stats():
@@ -139,6 +148,7 @@ class _FusionState:
         self.returned = 0.0  # perf_counter() when such a compiled call last returned (_overlapped)
         self.plain_calls = set()  # argument types (and shapes) of split calls that run plain
         self.plain_cfg = None  # the config plain_calls were found under
+        self.plain_memo = None  # the last call that ran plain: the next decode step repeats it (_plain_memo)
         self.split_calls: Dict[tuple, str] = {}  # argument types -> reason: split calls that merge (see merging)
         self._last = (None, None, None, None)  # (config, its key, params, their signature)
         self.weights = WeightCache()  # merged projections' concatenated weights, shared by the traces
@@ -171,7 +181,8 @@ class _FusionState:
         """`signature(params)` with its hash computed once, reused while the very same arrays
         are passed (inference): a key holds it, and every cache lookup hashes the key."""
         last = self._last
-        if last[2] is not None and len(params) == len(last[2]) and all(map(is_, params, last[2])):
+        refs = last[2]
+        if refs is not None and len(params) == len(refs) and all(map(is_, params, refs)):
             return last[3]
         sig = Hashed(signature(params))
         self._last = last[:2] + (params, sig)

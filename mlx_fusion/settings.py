@@ -45,6 +45,16 @@ class Settings(Generic[T]):
         self._lock = threading.Lock()
         self._default = cls()
         self._local = threading.local()  # .stack: this thread's overrides, innermost last
+        self._watchers = []  # called after every change of any thread's value (`watch`)
+
+    def watch(self, fn: Callable[[], None]) -> None:
+        """Call `fn()` after every change: `set`, `reset`, entering and leaving an `override` in
+        any thread. For decisions cached where reading the value would cost too much."""
+        self._watchers.append(fn)
+
+    def _changed(self) -> None:
+        for fn in self._watchers:
+            fn()
 
     def _replace(self, obj: T, **changes) -> T:
         check_fields(self.cls, changes)
@@ -65,13 +75,15 @@ class Settings(Generic[T]):
         """Change the process-wide default (threads without an override see it). Returns it."""
         with self._lock:
             self._default = self._replace(self._default, **changes)
-            return self._default
+        self._changed()
+        return self._default
 
     def reset(self) -> T:
         """Restore the process-wide default to ``cls()``."""
         with self._lock:
             self._default = self.cls()
-            return self._default
+        self._changed()
+        return self._default
 
     @contextlib.contextmanager
     def override(self, **changes) -> Iterator[T]:
@@ -81,7 +93,9 @@ class Settings(Generic[T]):
         if stack is None:
             stack = self._local.stack = []
         stack.append(new)
+        self._changed()
         try:
             yield new
         finally:
             stack.pop()
+            self._changed()

@@ -195,3 +195,49 @@ def test_decode_that_ran_plain_splits_again_under_a_new_config(model):
     with fusion_config(min_tensor_size=0):
         assert greedy(fused, "kv", 12) == want
     assert sum(fused._fusion.split.values()) >= splits + 10  # every step split: its MLP fuses now
+
+
+def test_decode_steps_repeat_the_last_plain_call_and_see_the_originals_changes(model, monkeypatch):
+    """A decode step like the last one (same cache object, same token shape) runs plain without
+    working out its argument kinds; a submodule swapped on the original between two steps is
+    still taken over: the logits stay those of the unfused original, step by step."""
+    from mlx_fusion import _fused_module
+
+    original = tiny_llama()
+    other = llama.Model(original.args)  # other random weights
+    mx.eval(other.parameters())
+    fused = fuse(original, compile=False)
+    caches = {"fused": kv.make_prompt_cache(original), "plain": kv.make_prompt_cache(original)}
+    kinds_calls = [0]
+    arg_kinds = _fused_module._arg_kinds
+
+    def counting(*a):
+        kinds_calls[0] += 1
+        return arg_kinds(*a)
+
+    monkeypatch.setattr(_fused_module, "_arg_kinds", counting)
+    y = {k: PROMPT[None] for k in caches}
+    for step in range(10):
+        if step == 3:
+            settled = kinds_calls[0]  # the prompt and the first steps worked out their kinds
+        if step == 6:
+            original.model = other.model
+        logits = {k: (fused if k == "fused" else original)(y[k], cache=caches[k])[:, -1, :] for k in caches}
+        np.testing.assert_allclose(np.array(logits["fused"]), np.array(logits["plain"]), rtol=1e-5, atol=1e-5)
+        y = {k: mx.argmax(v, axis=-1)[:, None] for k, v in logits.items()}
+    assert kinds_calls[0] == settled  # then each step repeated the last plain call
+    assert fused._fusion.plain_memo is not None
+
+
+def test_decode_steps_do_not_keep_a_finished_generations_cache_alive(model):
+    import gc
+    import weakref
+
+    fused = fuse(model, compile=False)
+    cache = kv.make_prompt_cache(model)
+    list(generate_step(PROMPT, fused, max_tokens=6, prompt_cache=cache))
+    assert fused._fusion.plain_memo is not None
+    alive = weakref.ref(cache[0])
+    del cache
+    gc.collect()
+    assert alive() is None

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session (NVIDIA H100/H200 through MLX's CUDA backend).
 #   bash tools/gpu_session.sh STEP...   steps: unroll, tests, bench, models, linear, ncu, lce, percall, merge, trainmem, zero,
-#   breakdown, decodestep
+#   breakdown, decodestep, decodewrapper
 # (env: TESTS, TESTS_K for pytest; ZERO_RUNS, ZERO_SPEC, ZERO_JSON (a folder) for zero; BENCH_ARGS, BENCH_NAME for benchmarks/ops.py; MODELS for bench --model)
 # Expects .device/mlx-cuda (python3 ../shared/tools/mlx_cuda_bundle.py) and $OUT; mlx-lm (a copy of its
 # package folder) in .device/py for the mlx-lm tests and `bench --model mlx-lm:...` SPECs.
@@ -51,6 +51,7 @@ for step in "$@"; do
           timeout 100 python3 tools/host_overhead_probe.py 2>&1 | tee "$OUT/host_overhead.txt" ;;
     breakdown) timeout ${BREAKDOWN_TIMEOUT:-120} python3 tools/wrapper_breakdown_probe.py 2>&1 | tee "$OUT/breakdown.txt" ;;
     decodestep) timeout ${DECODE_TIMEOUT:-120} python3 tools/decode_step_probe.py 2>&1 | tee "$OUT/decodestep.txt" ;;
+    decodewrapper) timeout ${DECODE_TIMEOUT:-150} python3 tools/decode_wrapper_probe.py 2>&1 | tee "$OUT/decodewrapper.txt" ;;
     *) echo "unknown step $step" ;;
   esac
 done
