@@ -63,6 +63,9 @@ def _shape_change(before, after) -> str:
 REGISTRY: "weakref.WeakSet[_FusionState]" = weakref.WeakSet()
 
 
+_deref = weakref.ref.__call__
+
+
 def _forget_plain_memos() -> None:
     """A config change: a decode step recognised as plain under the old one may fuse now."""
     for s in list(REGISTRY):
@@ -150,7 +153,7 @@ class _FusionState:
         self.plain_cfg = None  # the config plain_calls were found under
         self.plain_memo = None  # the last call that ran plain: the next decode step repeats it (_plain_memo)
         self.split_calls: Dict[tuple, str] = {}  # argument types -> reason: split calls that merge (see merging)
-        self._last = (None, None, None, None)  # (config, its key, params, their signature)
+        self._last = (None, None, None, None)  # (config, its key, weak refs to params, their signature)
         self.weights = WeightCache()  # merged projections' concatenated weights, shared by the traces
         self.sibling: Dict[tuple, Any] = {}  # split calls: groups of child projections (_sibling_merge)
         self.sibling_index = None  # (children, their classes, groups) of the last split call
@@ -179,13 +182,17 @@ class _FusionState:
 
     def params_signature(self, params: List[mx.array]) -> "Hashed":
         """`signature(params)` with its hash computed once, reused while the very same arrays
-        are passed (inference): a key holds it, and every cache lookup hashes the key."""
+        are passed (inference): a key holds it, and every cache lookup hashes the key.
+
+        The arrays are kept as weak references: a strong one would keep the last call's
+        parameters alive after the user replaced them (a training step's optimizer update
+        could then not reuse their buffers, one more copy of the weights at its peak)."""
         last = self._last
         refs = last[2]
-        if refs is not None and len(params) == len(refs) and all(map(is_, params, refs)):
+        if refs is not None and len(params) == len(refs) and all(map(is_, params, map(_deref, refs))):
             return last[3]
         sig = Hashed(signature(params))
-        self._last = last[:2] + (params, sig)
+        self._last = last[:2] + (tuple(map(weakref.ref, params)), sig)
         return sig
 
     def entry(self, key, make_graph: Callable[[], Graph], cfg, params=(), training=False, loose=None,

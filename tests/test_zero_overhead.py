@@ -204,3 +204,34 @@ def test_compiled_calls_back_to_back_see_a_change_between_them():
     model.blocks[0].scale = 2.0
     assert mx.allclose(first, _Deep.__call__(model, X), atol=TOL, rtol=TOL).item()
     assert mx.allclose(second, want_second, atol=TOL, rtol=TOL).item()
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_training_a_fused_module_keeps_no_copy_of_the_last_parameters(compile):
+    """Between two training steps a fused module holds no array the plain module would not
+    (it kept the last call's parameters once: one more copy of the weights resident, and at
+    the peak, as the optimizer could not reuse their buffers)."""
+    import gc
+
+    import mlx.optimizers as optim
+
+    def resident_between_steps(model, target) -> int:
+        opt = optim.AdamW(learning_rate=1e-3)
+        grad = nn.value_and_grad(target, lambda m, x: (m(x) ** 2).mean())
+        x = mx.ones((4, 256))
+        for _ in range(3):
+            loss, grads = grad(target, x)
+            opt.update(target, grads)
+            mx.eval(loss, model.parameters(), opt.state)
+        gc.collect()
+        mx.synchronize()
+        mx.clear_cache()
+        return mx.get_active_memory()
+
+    mx.random.seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    mx.eval(model.parameters())
+    weights = sum(p.nbytes for _, p in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+    plain = resident_between_steps(model, model)
+    fused = resident_between_steps(model, fuse(model, compile=compile))
+    assert fused - plain < weights // 4
