@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from operator import is_
 from time import perf_counter
 from typing import List, Tuple
 
@@ -75,9 +76,14 @@ class FusedModule:
         if (memo is not None and args and type(args[0]) is _array and args[0].shape == memo[0]
                 and len(args) == memo[1] and kwargs.keys() == memo[2]):
             # The next decode step: the last call ran plain (below), with a first array (the
-            # tokens) of this shape and these argument names (see `_plain_memo`).
-            if state.origin is not None:
-                state.origin.pull(self)
+            # tokens) of this shape and these argument names (see `_plain_memo`). The original's
+            # top level is checked here as `Origin.pull` first does (its frame costs more).
+            o = state.origin
+            if o is not None:
+                items, attrs = o.views
+                if not (o.module.__dict__ is o.attr_dict and len(items) == o.sizes[0] and len(attrs) == o.sizes[1]
+                        and all(map(is_, items, o.values)) and all(map(is_, attrs, o.attr_values))):
+                    o.pull(self)
             return forward(self, *args, **kwargs)
         if _trace_local.__dict__.get("depth", 0):  # tracing(), inlined
             return forward(self, *args, **kwargs)  # inside a trace

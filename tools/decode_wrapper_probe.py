@@ -2,7 +2,7 @@
 
 Each variant is a `fuse(model, compile=False)` object whose class gets a cut-down ``__call__``
 (its first lines only, then the plain forward; the current code is `fuse(compile=False)`: the
-memo, then the original's top-level pull), decoded step by step against plain MLX in a random
+memo, then the original's top-level check inlined), decoded step by step against plain MLX in a random
 order per step, each with its own KV cache (the same prompt). A step is timed with its
 evaluation; the call alone (host graph building, what the wrapper adds to) apart. The shuffled
 order keeps a variant's position (right after an evaluation, or after another call) from
@@ -18,7 +18,6 @@ import importlib
 import random
 import statistics
 import time
-from operator import is_
 
 import mlx.core as mx
 from gpu_zero_overhead import LLAMA2
@@ -67,15 +66,11 @@ def memo(self, *args, **kwargs):  # + the decode-step memo (no origin pull)
     return self._fusion_forward(self, *args, **kwargs)
 
 
-def memo_inline_pull(self, *args, **kwargs):  # the memo, then the original's check inlined
+def memo_pull(self, *args, **kwargs):  # the memo, then `Origin.pull` as a call (the current code inlines its check)
     state = _memo_hit(self, args, kwargs)
     if state is None:
         return _full(self, *args, **kwargs)
-    o = state.origin
-    items, attrs = o.views
-    if not (o.module.__dict__ is o.attr_dict and len(items) == o.sizes[0] and len(attrs) == o.sizes[1]
-            and all(map(is_, items, o.values)) and all(map(is_, attrs, o.attr_values))):
-        o.pull(self)
+    state.origin.pull(self)
     return self._fusion_forward(self, *args, **kwargs)
 
 
@@ -97,7 +92,7 @@ def main() -> None:
     prompt = tokens[:1, : args.prompt]
     variants = {"plain": model, "minimal": _with_call(model, minimal),
                 "+state": _with_call(model, state), "+memo": _with_call(model, memo),
-                "memo, inline pull": _with_call(model, memo_inline_pull),
+                "memo, Origin.pull()": _with_call(model, memo_pull),
                 "memo, original": _with_call(model, memo_original), "fuse(compile=False)": fuse(model, compile=False),
                 "fuse(model)": fuse(model)}
     try:
